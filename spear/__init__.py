@@ -1,0 +1,1 @@
+"""SPEAR RL layer (config, losses, replay, trainer); filled in by later releases."""
