@@ -22,7 +22,8 @@ struct LogprobsEntropyFwdParams {
   float inv_temperature;
   float* logp;             // [N] out
   float* entropy;          // [N] out
-  float* lse;              // [N] out: logsumexp(logits / T), saved for the backward
+  float* stats;            // [N, 2] out, saved for the backward: (max logit, log2 sum 2^{(z - max) log2(e) / T});
+                           // logsumexp(z / T) = max / T + ln2 * stats[:, 1]
 };
 
 struct LogprobsEntropyBwdParams {
@@ -33,7 +34,7 @@ struct LogprobsEntropyBwdParams {
   int64_t rows;
   int64_t vocab;
   float inv_temperature;
-  const float* lse;        // [N] from the forward
+  const float* stats;      // [N, 2] from the forward
   const float* entropy;    // [N] from the forward
   const float* grad_logp;  // [N] or nullptr (no gradient reached logp)
   const float* grad_entropy;  // [N] or nullptr

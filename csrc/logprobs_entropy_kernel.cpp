@@ -7,14 +7,18 @@
 // Forward, per row: the row is read from memory once. It is walked in blocks of
 // kBlock elements that stay in L1: a max over the block, then the exps. The
 // running max M is shared by all lanes and only moves at block boundaries, so
-// the accumulators are rescaled once per block, never per element:
+// the (double) block totals are rescaled once per block, never per element:
 //   S = sum_j e^{x_j - M},  D = sum_j (x_j - M) e^{x_j - M},   x = z / T
 //   lse = M + log S,        H = lse - E_p[x] = log S - D / S.
+// M is kept as the raw max logit and x_j - M formed as (z_j - max z) / T, as torch's
+// log_softmax does: exact (0) for the max element, so a row with one dominant logit
+// gets p = 1 and a zero gradient exactly. The backward gets (max z, log S) per row
+// rather than lse, whose rounding at |lse| ~ 50 would be ~4e-6 in every p.
 // Backward, per row (one read of z, one write of dz):
 //   dz_j = (g_lp (1[j=y] - p_j) - g_H p_j (x_j - E_p[x])) / T,  p_j = e^{x_j - lse},
 // with x_j - E_p[x] = (x_j - lse) + H.
 // The kernels work in base 2 (x2 = x log2(e)), so the exp is one exp2 and the
-// scaling folds into the FMA that subtracts the max. -inf logits: x2 - M2 is clamped
+// 1/T and log2(e) scalings are one multiply. -inf logits: x2 - M2 is clamped
 // to kMinExp2Arg, so they give p = 0 and (x2 - M2) p = 0 exactly, not -inf * 0 = NaN.
 #include "kernels.h"
 #include "vec_utils.h"
@@ -54,105 +58,103 @@ float block_max(const T* z, int64_t n) {
 }
 
 struct RowStats {
-  float lse;
+  float max_z;   // max logit (raw, not divided by T)
+  float log2_s;  // log2 sum_j 2^{(z_j - max_z) k}, k = log2(e) / T
   float entropy;
 };
 
 template <typename T>
 RowStats row_forward(const T* z, int64_t V, float inv_t) {
   constexpr int64_t W = Vec::size();
-  const float k = inv_t * kLog2e;  // z -> x2 = z / T * log2(e)
-  float M = kNegInf;                // running max of x2
-  Vec S[kUnroll], D[kUnroll];       // sum 2^{x2-M}, sum (x2-M) 2^{x2-M}
-  for (int u = 0; u < kUnroll; ++u) S[u] = D[u] = Vec(0.f);
-  float s_tail = 0.f, d_tail = 0.f;  // tails of blocks, done in scalar code
+  const float k = inv_t * kLog2e;  // (z - M) -> base-2 exponent
+  float M = kNegInf;                // running max logit
+  // sum 2^{d} and sum d 2^{d}, d = (z - M) k. Vector lanes hold one block's partial sums
+  // (at most kBlock / (kUnroll W) terms each); blocks are summed in double, because a long
+  // row of bf16 logits has many equal terms whose fp32 rounding errors do not cancel.
+  double s_total = 0.0, d_total = 0.0;
   const Vec vk(k), vmin(kMinExp2Arg);
 
   for (int64_t b = 0; b < V; b += kBlock) {
     const int64_t n = std::min(kBlock, V - b);
     const T* zb = z + b;
-    const float bmax = block_max(zb, n) * k;  // k > 0, so max commutes with the scaling
+    const float bmax = block_max(zb, n);
     if (bmax > M) {
       if (M != kNegInf) {
-        // Move every accumulator from base M to base bmax: 2^{x-M} = 2^{x-bmax} 2^{bmax-M}.
-        const float diff = M - bmax, scale = std::exp2(diff);
-        const Vec vdiff(diff), vscale(scale);
-        for (int u = 0; u < kUnroll; ++u) {
-          D[u] = (D[u] + S[u] * vdiff) * vscale;
-          S[u] = S[u] * vscale;
-        }
-        d_tail = (d_tail + s_tail * diff) * scale;
-        s_tail *= scale;
+        // Move the totals from base M to base bmax: 2^{d_old} = 2^{d_new} 2^{diff}.
+        const double diff = static_cast<double>(M - bmax) * k, scale = std::exp2(diff);
+        d_total = (d_total + s_total * diff) * scale;
+        s_total *= scale;
       }
       M = bmax;
     }
     if (M == kNegInf) continue;  // nothing but -inf so far
-    const Vec vneg_m(-M);
+    const Vec vm(M);
+    Vec S[kUnroll], D[kUnroll];
+    for (int u = 0; u < kUnroll; ++u) S[u] = D[u] = Vec(0.f);
     int64_t j = 0;
     for (; j + kUnroll * W <= n; j += kUnroll * W) {
       for (int u = 0; u < kUnroll; ++u) {
-        const Vec d = at::vec::maximum(at::vec::fmadd(load_as_float(zb + j + u * W), vk, vneg_m), vmin);
+        const Vec d = at::vec::maximum((load_as_float(zb + j + u * W) - vm) * vk, vmin);
         const Vec e = exp2_clamped(d);
         S[u] = S[u] + e;
         D[u] = at::vec::fmadd(d, e, D[u]);
       }
     }
     for (; j + W <= n; j += W) {
-      const Vec d = at::vec::maximum(at::vec::fmadd(load_as_float(zb + j), vk, vneg_m), vmin);
+      const Vec d = at::vec::maximum((load_as_float(zb + j) - vm) * vk, vmin);
       const Vec e = exp2_clamped(d);
       S[0] = S[0] + e;
       D[0] = at::vec::fmadd(d, e, D[0]);
     }
+    for (int u = 1; u < kUnroll; ++u) {
+      S[0] = S[0] + S[u];
+      D[0] = D[0] + D[u];
+    }
+    alignas(64) float s_lanes[W], d_lanes[W];
+    S[0].store(s_lanes);
+    D[0].store(d_lanes);
+    for (int64_t l = 0; l < W; ++l) {
+      s_total += s_lanes[l];
+      d_total += d_lanes[l];
+    }
     for (; j < n; ++j) {
-      const float d = std::max(static_cast<float>(zb[j]) * k - M, kMinExp2Arg);
+      const float d = std::max((static_cast<float>(zb[j]) - M) * k, kMinExp2Arg);
       const float e = std::exp2(d);
-      s_tail += e;
-      d_tail += d * e;
+      s_total += e;
+      d_total += d * e;
     }
   }
   if (M == kNegInf) {
     // Every logit is -inf: the distribution is undefined, as in torch.log_softmax.
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    return {kNegInf, nan};
+    return {kNegInf, kNegInf, std::numeric_limits<float>::quiet_NaN()};
   }
-  for (int u = 1; u < kUnroll; ++u) {
-    S[0] = S[0] + S[u];
-    D[0] = D[0] + D[u];
-  }
-  alignas(64) float s_lanes[W], d_lanes[W];
-  S[0].store(s_lanes);
-  D[0].store(d_lanes);
-  double s = s_tail, d = d_tail;
-  for (int64_t j = 0; j < W; ++j) {
-    s += s_lanes[j];
-    d += d_lanes[j];
-  }
-  // Back to natural units: lse = ln2 (M + log2 S), H = lse - E[x] = ln2 (log2 S - D / S).
-  const double log2_s = std::log2(s);
-  return {static_cast<float>(kLn2 * (M + log2_s)), static_cast<float>(kLn2 * (log2_s - d / s))};
+  // H = lse - E[x] = ln2 (log2 S - D / S).
+  const double log2_s = std::log2(s_total);
+  return {M, static_cast<float>(log2_s), static_cast<float>(kLn2 * (log2_s - d_total / s_total))};
 }
 
 template <typename T>
-void row_backward(const T* z, T* dz, int64_t V, int64_t y, float inv_t, float lse, float H, float g_lp,
-                  float g_h) {
+void row_backward(const T* z, T* dz, int64_t V, int64_t y, float inv_t, float max_z, float log2_s, float H,
+                  float g_lp, float g_h) {
   constexpr int64_t W = Vec::size();
-  // dz_j = p_j (a + b d_j) + 1[j=y] g_lp / T with d_j = x_j - lse = ln2 * d2_j, p_j = 2^{d2_j}.
+  // dz_j = p_j (a + b d_j) + 1[j=y] g_lp / T, with d_j = x_j - lse = ln2 * d2_j, p_j = 2^{d2_j},
+  // d2_j = (z_j - max_z) k - log2 S.
   const float a = -inv_t * (g_lp + g_h * H);
   const float b2 = -inv_t * g_h * kLn2;
-  const float k = inv_t * kLog2e, lse2 = lse * kLog2e;
-  const Vec va(a), vb2(b2), vk(k), vneg_lse2(-lse2), vmin(kMinExp2Arg);
+  const float k = inv_t * kLog2e;
+  const Vec va(a), vb2(b2), vk(k), vm(max_z), vneg_log2_s(-log2_s), vmin(kMinExp2Arg);
   int64_t j = 0;
   for (; j + W <= V; j += W) {
-    const Vec d2 = at::vec::maximum(at::vec::fmadd(load_as_float(z + j), vk, vneg_lse2), vmin);
+    const Vec d2 = at::vec::maximum(at::vec::fmadd(load_as_float(z + j) - vm, vk, vneg_log2_s), vmin);
     const Vec p = exp2_clamped(d2);
     store_from_float(dz + j, p * at::vec::fmadd(vb2, d2, va));
   }
   for (; j < V; ++j) {
-    const float d2 = std::max(static_cast<float>(z[j]) * k - lse2, kMinExp2Arg);
+    const float d2 = std::max((static_cast<float>(z[j]) - max_z) * k - log2_s, kMinExp2Arg);
     dz[j] = static_cast<T>(std::exp2(d2) * (a + b2 * d2));
   }
   // The label column, recomputed in fp32 so the one-hot term is not added in T's precision.
-  const float d2_y = std::max(static_cast<float>(z[y]) * k - lse2, kMinExp2Arg);
+  const float d2_y = std::max((static_cast<float>(z[y]) - max_z) * k - log2_s, kMinExp2Arg);
   dz[y] = static_cast<T>(std::exp2(d2_y) * (a + b2 * d2_y) + inv_t * g_lp);
 }
 
@@ -168,16 +170,16 @@ void fwd_typed(const LogprobsEntropyFwdParams& p) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = p.labels[i];
       if (y == kIgnoreIndex) {
-        p.logp[i] = 0.f;
-        p.entropy[i] = 0.f;
-        p.lse[i] = 0.f;
+        p.logp[i] = p.entropy[i] = p.stats[2 * i] = p.stats[2 * i + 1] = 0.f;
         continue;
       }
       const T* z = base + i * p.row_stride;
       const RowStats st = row_forward(z, p.vocab, p.inv_temperature);
-      p.logp[i] = static_cast<float>(z[y]) * p.inv_temperature - st.lse;
+      // logp = x_y - lse = (z_y - max z) / T - ln2 log2 S
+      p.logp[i] = (static_cast<float>(z[y]) - st.max_z) * p.inv_temperature - kLn2 * st.log2_s;
       p.entropy[i] = st.entropy;
-      p.lse[i] = st.lse;
+      p.stats[2 * i] = st.max_z;
+      p.stats[2 * i + 1] = st.log2_s;
     }
   });
 }
@@ -196,7 +198,8 @@ void bwd_typed(const LogprobsEntropyBwdParams& p) {
         std::fill(dz, dz + p.vocab, static_cast<T>(0.f));
         continue;
       }
-      row_backward(base + i * p.row_stride, dz, p.vocab, y, p.inv_temperature, p.lse[i], p.entropy[i], g_lp, g_h);
+      row_backward(base + i * p.row_stride, dz, p.vocab, y, p.inv_temperature, p.stats[2 * i], p.stats[2 * i + 1],
+                   p.entropy[i], g_lp, g_h);
     }
   });
 }

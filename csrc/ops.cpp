@@ -104,29 +104,36 @@ const float* optional_f32(const std::optional<at::Tensor>& t, int64_t n, const c
   return t->data_ptr<float>();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_entropy_fwd_cpu(const at::Tensor& logits,
-                                                                          const at::Tensor& labels,
-                                                                          double temperature) {
+void check_out(const at::Tensor& out, at::IntArrayRef shape, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == dtype && out.sizes() == shape && out.is_contiguous(),
+              name, " must be a contiguous CPU ", dtype, " tensor of shape ", shape);
+}
+
+// Outputs are passed in (the Python launcher allocates them), so callers can reuse buffers
+// and tests can pre-fill them with NaN to catch a missed store.
+void logprobs_entropy_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels, double temperature,
+                              const at::Tensor& logp, const at::Tensor& ent, const at::Tensor& stats) {
   check_rows(logits, labels);
   TORCH_CHECK(temperature > 0, "temperature must be > 0");
   const int64_t rows = logits.size(0), vocab = logits.size(1);
-  const auto opts = logits.options().dtype(at::kFloat);
-  at::Tensor logp = at::empty({rows}, opts), ent = at::empty({rows}, opts), lse = at::empty({rows}, opts);
-  if (rows == 0) return {logp, ent, lse};
+  check_out(logp, {rows}, at::kFloat, "logp");
+  check_out(ent, {rows}, at::kFloat, "entropy");
+  check_out(stats, {rows, 2}, at::kFloat, "stats");
+  if (rows == 0) return;
   LogprobsEntropyFwdParams p{logits.data_ptr(), logits.stride(0), float_kind(logits), labels.data_ptr<int64_t>(),
                              rows, vocab, static_cast<float>(1.0 / temperature), logp.data_ptr<float>(),
-                             ent.data_ptr<float>(), lse.data_ptr<float>()};
+                             ent.data_ptr<float>(), stats.data_ptr<float>()};
   kernels().fwd(p);
-  return {logp, ent, lse};
 }
 
-at::Tensor logprobs_entropy_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-                                    const at::Tensor& entropy, const std::optional<at::Tensor>& grad_logp,
-                                    const std::optional<at::Tensor>& grad_entropy, double temperature) {
+void logprobs_entropy_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& stats,
+                              const at::Tensor& entropy, const std::optional<at::Tensor>& grad_logp,
+                              const std::optional<at::Tensor>& grad_entropy, double temperature,
+                              const at::Tensor& grad) {
   check_rows(logits, labels);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
-  at::Tensor grad = at::empty({rows, vocab}, logits.options());
-  if (grad.numel() == 0) return grad;
+  check_out(grad, {rows, vocab}, logits.scalar_type(), "grad_logits");
+  if (grad.numel() == 0) return;
   advise_huge_pages(grad.data_ptr(), grad.nbytes());
   LogprobsEntropyBwdParams p{logits.data_ptr(),
                              logits.stride(0),
@@ -135,13 +142,12 @@ at::Tensor logprobs_entropy_bwd_cpu(const at::Tensor& logits, const at::Tensor& 
                              rows,
                              vocab,
                              static_cast<float>(1.0 / temperature),
-                             optional_f32(lse, rows, "lse"),
+                             optional_f32(stats, 2 * rows, "stats"),
                              optional_f32(entropy, rows, "entropy"),
                              optional_f32(grad_logp, rows, "grad_logp"),
                              optional_f32(grad_entropy, rows, "grad_entropy"),
                              grad.data_ptr()};
   kernels().bwd(p);
-  return grad;
 }
 
 double stream_read_cpu(const at::Tensor& x) {
@@ -155,10 +161,12 @@ double stream_read_cpu(const at::Tensor& x) {
 }  // namespace spear_kernels
 
 TORCH_LIBRARY(spear_kernels, m) {
-  m.def("logprobs_entropy_fwd(Tensor logits, Tensor labels, float temperature) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "logprobs_entropy_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor entropy, Tensor? grad_logp, "
-      "Tensor? grad_entropy, float temperature) -> Tensor");
+      "logprobs_entropy_fwd(Tensor logits, Tensor labels, float temperature, Tensor(a!) logp, "
+      "Tensor(b!) entropy, Tensor(c!) stats) -> ()");
+  m.def(
+      "logprobs_entropy_bwd(Tensor logits, Tensor labels, Tensor stats, Tensor entropy, Tensor? grad_logp, "
+      "Tensor? grad_entropy, float temperature, Tensor(a!) grad_logits) -> ()");
   m.def("stream_read(Tensor x) -> float");
 }
 

@@ -1,1 +1,19 @@
+"""spear_kernels: fused kernels for the hot spots of LLM RL losses.
 
+Every op has one public function here and three implementations: ``torch`` (the eager
+reference, :mod:`spear_kernels.reference`), ``triton`` (CUDA) and ``cpp`` (CPU,
+``spear_kernels._C``). Importing this package needs neither CUDA nor the compiled extension.
+"""
+
+from ._backend import BackendUnavailableError, available_backends
+from ._validation import IGNORE_INDEX
+from .logprobs_entropy import logprobs_entropy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IGNORE_INDEX",
+    "BackendUnavailableError",
+    "available_backends",
+    "logprobs_entropy",
+]

@@ -1,0 +1,55 @@
+"""Launchers for the C++ CPU kernels (``spear_kernels._C``, registered as ``torch.ops.spear_kernels``).
+
+Same signatures as the Triton launchers: they allocate the outputs (or take ``out=``) and
+call the op; no autograd here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import cpp_module
+
+
+def _ops():
+    cpp_module()  # importing the extension registers torch.ops.spear_kernels
+    return torch.ops.spear_kernels
+
+
+def logprobs_entropy_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``logits [N, V]`` (unit stride inside a row), ``labels [N]`` int64 -> fp32 ``(logp, entropy, stats)``.
+
+    ``stats [N, 2]`` = (max logit, log2 of the softmax normaliser), what the backward needs.
+    """
+    if out is None:
+        rows = logits.shape[0]
+        out = (torch.empty(rows), torch.empty(rows), torch.empty(rows, 2))
+    _ops().logprobs_entropy_fwd(logits, labels, temperature, *out)
+    return out
+
+
+def logprobs_entropy_bwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    stats: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gradient ``[N, V]`` (contiguous, logits' dtype) for the upstream grads of logp and entropy (either may be None)."""
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype)
+    _ops().logprobs_entropy_bwd(logits, labels, stats, entropy, grad_logp, grad_entropy, temperature, out)
+    return out
+
+
+def stream_read(x: torch.Tensor) -> float:
+    """Reads every byte of a contiguous CPU tensor once (the memory-bound limit benchmarks compare with)."""
+    return _ops().stream_read(x)

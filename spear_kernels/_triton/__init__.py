@@ -1,0 +1,10 @@
+"""Triton kernels (GPU path). Importing this package imports triton; spear_kernels does so lazily."""
+
+from . import logprobs_entropy
+
+KERNEL_MODULES = (logprobs_entropy,)
+
+
+def aot_specs() -> list[dict]:
+    """Every Triton kernel of the package, with the signatures `python -m spear_kernels.aot` compiles."""
+    return [spec for module in KERNEL_MODULES for spec in module.aot_specs()]
