@@ -43,7 +43,7 @@ def logprobs_entropy_bwd(
     temperature: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient ``[N, V]`` (contiguous, logits' dtype) for the upstream grads of logp and entropy (either may be None)."""
+    """Gradient ``[N, V]`` (contiguous, logits' dtype) for upstream grads of logp and entropy (either may be None)."""
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype)
     _ops().logprobs_entropy_bwd(logits, labels, stats, entropy, grad_logp, grad_entropy, temperature, out)

@@ -73,8 +73,9 @@ def check_against_reference(backend, z, y, temperature, dtype, grads=("lp", "h")
     g_h = torch.randn(y.shape, generator=g) if "h" in grads else None
     zd = z.to(dtype)
     lp, ent, grad = run(sk.logprobs_entropy, zd, y, temperature, g_lp, g_h, backend=backend)
-    lp_ref, ent_ref, grad_ref = run(lambda z, y, temperature: truth(z, y, temperature), zd.double(), y,
-                                    temperature, g_lp, g_h)
+    lp_ref, ent_ref, grad_ref = run(
+        lambda z, y, temperature: truth(z, y, temperature), zd.double(), y, temperature, g_lp, g_h
+    )
     assert lp.dtype == ent.dtype == torch.float32 and grad.dtype == dtype
     assert_close("logp", lp, lp_ref, **OUT_TOL)
     assert_close("entropy", ent, ent_ref, **OUT_TOL)
@@ -169,14 +170,17 @@ def test_kernels_write_every_output(backend, dtype):
     y[4] = sk.IGNORE_INDEX
     outs = (torch.full((21,), float("nan")), torch.full((21,), float("nan")), torch.full((21, 2), float("nan")))
     logp, ent, stats = launchers.logprobs_entropy_fwd(z, y, 1.0, out=outs)
-    assert all(o.data_ptr() == n.data_ptr() for o, n in zip(outs, (logp, ent, stats)))
+    assert all(o.data_ptr() == n.data_ptr() for o, n in zip(outs, (logp, ent, stats), strict=True))
     assert torch.isfinite(logp).all() and torch.isfinite(ent).all() and torch.isfinite(stats).all()
     lp_ref, ent_ref = truth(z.double(), y, 1.0)
     assert_close("logp", logp, lp_ref, **OUT_TOL)
     assert_close("entropy", ent, ent_ref, **OUT_TOL)
     g = torch.Generator().manual_seed(0)
-    for g_lp, g_h in [(torch.randn(21, generator=g), torch.randn(21, generator=g)), (None, torch.ones(21)),
-                      (torch.ones(21), None)]:
+    for g_lp, g_h in [
+        (torch.randn(21, generator=g), torch.randn(21, generator=g)),
+        (None, torch.ones(21)),
+        (torch.ones(21), None),
+    ]:
         grad = torch.full((21, 333), float("nan"), dtype=dtype)
         launchers.logprobs_entropy_bwd(z, y, stats, ent, g_lp, g_h, 1.0, out=grad)
         assert torch.isfinite(grad.float()).all()
@@ -214,8 +218,14 @@ def test_float16_inputs(backend):
     z = make_logits(17, 999, "mixed", seed=13)
     zd = z.to(torch.float16)
     lp, ent, grad = run(sk.logprobs_entropy, zd, make_labels(z), 1.0, torch.ones(17), torch.ones(17), backend=backend)
-    lp_ref, ent_ref, grad_ref = run(lambda z, y, temperature: truth(z, y, temperature), zd.double(), make_labels(z),
-                                    1.0, torch.ones(17), torch.ones(17))
+    lp_ref, ent_ref, grad_ref = run(
+        lambda z, y, temperature: truth(z, y, temperature),
+        zd.double(),
+        make_labels(z),
+        1.0,
+        torch.ones(17),
+        torch.ones(17),
+    )
     assert grad.dtype == torch.float16
     assert_close("logp", lp, lp_ref, **OUT_TOL)
     assert_close("entropy", ent, ent_ref, **OUT_TOL)

@@ -3,8 +3,8 @@
 One program per row (token). Forward: one pass over the row with an online max ``m`` of the
 raw logits, accumulating in base 2 (``d = (z - m) log2(e) / T``) ``S = sum 2^d`` and
 ``D = sum d 2^d``; it saves ``(m, log2 S)`` and the entropy for the backward (``z - m`` is
-exact for the max element, as in torch's log_softmax, so a dominant logit gets p = 1 exactly). Backward: recompute ``p`` and write
-``dz = (g_lp (1[y] - p) - g_H p (x - E_p[x])) / T`` in the logits' dtype.
+exact for the max element, as in torch's log_softmax, so a dominant logit gets p = 1 exactly).
+Backward: recompute ``p`` and write ``dz = (g_lp (1[y] - p) - g_H p (x - E_p[x])) / T`` in the logits' dtype.
 Loads happen in the input dtype and are upcast before any arithmetic (the interpreter
 does no bf16 math).
 """
@@ -172,7 +172,7 @@ def logprobs_entropy_bwd(
     temperature: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient ``[N, V]`` (contiguous, logits' dtype) for the upstream grads of logp and entropy (either may be None)."""
+    """Gradient ``[N, V]`` (contiguous, logits' dtype) for upstream grads of logp and entropy (either may be None)."""
     rows, vocab = logits.shape
     grad = torch.empty((rows, vocab), device=logits.device, dtype=logits.dtype) if out is None else out
     if grad.numel() == 0:
