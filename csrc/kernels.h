@@ -46,3 +46,39 @@ using LogprobsEntropyBwdFn = void (*)(const LogprobsEntropyBwdParams&);
 using StreamReadFn = double (*)(const float* data, int64_t n);
 
 }  // namespace spear_kernels
+
+namespace spear_kernels {
+
+enum class PolicyLossMode : int { kVanilla = 0, kClipCov = 1, kKlCov = 2, kGpg = 3 };
+
+// Per-token policy loss over B*L tokens (all arrays contiguous fp32, [B, L] flattened).
+struct PolicyLossParams {
+  const float* log_prob;
+  const float* old_log_prob;
+  const float* advantages;
+  const float* mask;
+  int64_t n;                 // B * L
+  PolicyLossMode mode;
+  float clip_low, clip_high, clip_c;  // ratio bounds 1 - clip_low, 1 + clip_high; dual-clip bound
+  float clip_cov_ratio, clip_cov_lb, clip_cov_ub;
+  float kl_cov_ratio, ppo_kl_coef;
+  uint64_t seed;             // clip_cov's random choice among candidates
+  float* loss;               // [n] out: per-token loss
+  float* dloss_dlogp;        // [n] out: d loss / d log_prob (the backward multiplies by the upstream grad)
+  float* stats;              // [3] out: pg_clipfrac, ppo_kl, pg_clipfrac_lower
+};
+
+// Group statistics of scores [B] for groups 0..G-1 (inverse[i] = group of i).
+struct GroupStatsParams {
+  const float* scores;
+  const int64_t* inverse;
+  int64_t n;
+  int64_t groups;
+  float* mean;   // [G] out (singleton: 0)
+  float* std;    // [G] out, unbiased (singleton: 1)
+  float* count;  // [G] out
+};
+
+using PolicyLossFn = void (*)(const PolicyLossParams&);
+
+}  // namespace spear_kernels

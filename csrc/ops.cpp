@@ -26,6 +26,7 @@ namespace spear_kernels {
   void logprobs_entropy_fwd(const LogprobsEntropyFwdParams& p); \
   void logprobs_entropy_bwd(const LogprobsEntropyBwdParams& p); \
   double stream_read(const float* data, int64_t n);               \
+  void policy_loss_fwd(const PolicyLossParams& p);                \
   }
 
 SPEAR_DECLARE_CAPABILITY(DEFAULT)
@@ -43,9 +44,13 @@ struct KernelTable {
   LogprobsEntropyFwdFn fwd;
   LogprobsEntropyBwdFn bwd;
   StreamReadFn stream_read;
+  PolicyLossFn policy_loss;
 };
 
-#define SPEAR_TABLE(CAP) KernelTable{#CAP, &CAP::logprobs_entropy_fwd, &CAP::logprobs_entropy_bwd, &CAP::stream_read}
+#define SPEAR_TABLE(CAP)                                                                             \
+  KernelTable {                                                                                      \
+    #CAP, &CAP::logprobs_entropy_fwd, &CAP::logprobs_entropy_bwd, &CAP::stream_read, &CAP::policy_loss_fwd \
+  }
 
 const KernelTable& kernels() {
   static const KernelTable table = [] {
@@ -157,6 +162,91 @@ double stream_read_cpu(const at::Tensor& x) {
   return kernels().stream_read(static_cast<const float*>(x.data_ptr()), n);
 }
 
+void check_f32_tensor(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, name,
+              " must be a contiguous float32 CPU tensor of ", n, " elements");
+}
+
+// Outputs: loss [B, L], d loss / d log_prob [B, L], stats [3] (pg_clipfrac, ppo_kl, pg_clipfrac_lower).
+void policy_loss_fwd_cpu(const at::Tensor& log_prob, const at::Tensor& old_log_prob, const at::Tensor& advantages,
+                         const at::Tensor& mask, int64_t mode, double clip_low, double clip_high, double clip_c,
+                         double clip_cov_ratio, double clip_cov_lb, double clip_cov_ub, double kl_cov_ratio,
+                         double ppo_kl_coef, int64_t seed, const at::Tensor& loss, const at::Tensor& dloss_dlogp,
+                         const at::Tensor& stats) {
+  TORCH_CHECK(mode >= 0 && mode <= 3, "policy_loss: unknown mode ", mode);
+  const int64_t n = log_prob.numel();
+  for (const auto& [t, name] : {std::pair{&log_prob, "log_prob"}, {&old_log_prob, "old_log_prob"},
+                                {&advantages, "advantages"}, {&mask, "response_mask"}, {&loss, "loss"},
+                                {&dloss_dlogp, "dloss_dlogp"}}) {
+    check_f32_tensor(*t, n, name);
+  }
+  check_f32_tensor(stats, 3, "stats");
+  PolicyLossParams p{log_prob.data_ptr<float>(),
+                     old_log_prob.data_ptr<float>(),
+                     advantages.data_ptr<float>(),
+                     mask.data_ptr<float>(),
+                     n,
+                     static_cast<PolicyLossMode>(mode),
+                     static_cast<float>(clip_low),
+                     static_cast<float>(clip_high),
+                     static_cast<float>(clip_c),
+                     static_cast<float>(clip_cov_ratio),
+                     static_cast<float>(clip_cov_lb),
+                     static_cast<float>(clip_cov_ub),
+                     static_cast<float>(kl_cov_ratio),
+                     static_cast<float>(ppo_kl_coef),
+                     static_cast<uint64_t>(seed),
+                     loss.data_ptr<float>(),
+                     dloss_dlogp.data_ptr<float>(),
+                     stats.data_ptr<float>()};
+  kernels().policy_loss(p);
+}
+
+// Per-group mean, unbiased std (singleton: 0 and 1, verl's convention) and count, accumulated in
+// double; then, when `advantages` is given, (s - mean) / (std + eps) or s - mean for every sample.
+void group_advantages_cpu(const at::Tensor& scores, const at::Tensor& inverse, int64_t groups, bool norm_by_std,
+                          double eps, const at::Tensor& mean, const at::Tensor& std, const at::Tensor& count,
+                          const std::optional<at::Tensor>& advantages) {
+  const int64_t n = scores.numel();
+  check_f32_tensor(scores, n, "scores");
+  TORCH_CHECK(inverse.scalar_type() == at::kLong && inverse.is_contiguous() && inverse.numel() == n,
+              "inverse must be a contiguous int64 tensor of ", n, " elements");
+  check_f32_tensor(mean, groups, "mean");
+  check_f32_tensor(std, groups, "std");
+  check_f32_tensor(count, groups, "count");
+  const float* s = scores.data_ptr<float>();
+  const int64_t* g = inverse.data_ptr<int64_t>();
+  std::vector<double> sum(groups, 0.0), sq(groups, 0.0), cnt(groups, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(g[i] >= 0 && g[i] < groups, "group index ", g[i], " out of range [0, ", groups, ")");
+    sum[g[i]] += s[i];
+    cnt[g[i]] += 1.0;
+  }
+  for (int64_t j = 0; j < groups; ++j) sum[j] /= std::max(cnt[j], 1.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const double c = s[i] - sum[g[i]];
+    sq[g[i]] += c * c;
+  }
+  float* m = mean.data_ptr<float>();
+  float* sd = std.data_ptr<float>();
+  float* ct = count.data_ptr<float>();
+  for (int64_t j = 0; j < groups; ++j) {
+    const bool single = cnt[j] <= 1.0;
+    m[j] = single ? 0.f : static_cast<float>(sum[j]);
+    sd[j] = single ? 1.f : static_cast<float>(std::sqrt(sq[j] / (cnt[j] - 1.0)));
+    ct[j] = static_cast<float>(cnt[j]);
+  }
+  if (advantages.has_value() && advantages->defined()) {
+    check_f32_tensor(*advantages, n, "advantages");
+    float* a = advantages->data_ptr<float>();
+    const float e = static_cast<float>(eps);
+    for (int64_t i = 0; i < n; ++i) {
+      const float centred = s[i] - m[g[i]];
+      a[i] = norm_by_std ? centred / (sd[g[i]] + e) : centred;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace spear_kernels
 
@@ -168,12 +258,22 @@ TORCH_LIBRARY(spear_kernels, m) {
       "logprobs_entropy_bwd(Tensor logits, Tensor labels, Tensor stats, Tensor entropy, Tensor? grad_logp, "
       "Tensor? grad_entropy, float temperature, Tensor(a!) grad_logits) -> ()");
   m.def("stream_read(Tensor x) -> float");
+  m.def(
+      "policy_loss_fwd(Tensor log_prob, Tensor old_log_prob, Tensor advantages, Tensor mask, int mode, "
+      "float clip_low, float clip_high, float clip_c, float clip_cov_ratio, float clip_cov_lb, float clip_cov_ub, "
+      "float kl_cov_ratio, float ppo_kl_coef, int seed, Tensor(a!) loss, Tensor(b!) dloss_dlogp, "
+      "Tensor(c!) stats) -> ()");
+  m.def(
+      "group_advantages(Tensor scores, Tensor inverse, int groups, bool norm_by_std, float eps, Tensor(a!) mean, "
+      "Tensor(b!) std, Tensor(c!) count, Tensor(d!)? advantages) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(spear_kernels, CPU, m) {
   m.impl("logprobs_entropy_fwd", &spear_kernels::logprobs_entropy_fwd_cpu);
   m.impl("logprobs_entropy_bwd", &spear_kernels::logprobs_entropy_bwd_cpu);
   m.impl("stream_read", &spear_kernels::stream_read_cpu);
+  m.impl("policy_loss_fwd", &spear_kernels::policy_loss_fwd_cpu);
+  m.impl("group_advantages", &spear_kernels::group_advantages_cpu);
 }
 
 PYBIND11_MODULE(_C, m) {

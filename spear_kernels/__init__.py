@@ -7,7 +7,9 @@ reference, :mod:`spear_kernels.reference`), ``triton`` (CUDA) and ``cpp`` (CPU,
 
 from ._backend import BackendUnavailableError, available_backends
 from ._validation import IGNORE_INDEX
+from .group_advantages import group_advantages, group_stats
 from .logprobs_entropy import logprobs_entropy
+from .policy_loss import policy_loss
 
 __version__ = "0.1.0"
 
@@ -15,5 +17,8 @@ __all__ = [
     "IGNORE_INDEX",
     "BackendUnavailableError",
     "available_backends",
+    "group_advantages",
+    "group_stats",
     "logprobs_entropy",
+    "policy_loss",
 ]

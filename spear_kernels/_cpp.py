@@ -53,3 +53,41 @@ def logprobs_entropy_bwd(
 def stream_read(x: torch.Tensor) -> float:
     """Reads every byte of a contiguous CPU tensor once (the memory-bound limit benchmarks compare with)."""
     return _ops().stream_read(x)
+
+
+POLICY_LOSS_MODE_IDS = {"vanilla": 0, "clip_cov": 1, "kl_cov": 2, "gpg": 3}
+
+
+def policy_loss_fwd(log_prob, old_log_prob, advantages, mask, mode: str, params: dict, seed: int):
+    """fp32 contiguous ``[B, L]`` inputs -> ``(loss [B, L], dloss_dlogp [B, L], stats [3])``."""
+    loss = torch.empty_like(log_prob)
+    dloss = torch.empty_like(log_prob)
+    stats = torch.empty(3)
+    _ops().policy_loss_fwd(
+        log_prob,
+        old_log_prob,
+        advantages,
+        mask,
+        POLICY_LOSS_MODE_IDS[mode],
+        params["clip_ratio_low"],
+        params["clip_ratio_high"],
+        params["clip_ratio_c"],
+        params["clip_cov_ratio"],
+        params["clip_cov_lb"],
+        params["clip_cov_ub"],
+        params["kl_cov_ratio"],
+        params["ppo_kl_coef"],
+        seed,
+        loss,
+        dloss,
+        stats,
+    )
+    return loss, dloss, stats
+
+
+def group_advantages(scores, inverse, groups: int, norm_by_std: bool, eps: float, with_advantages: bool = True):
+    """fp32 ``scores [B]``, ``inverse [B]`` int64 -> ``(mean [G], std [G], count [G], advantages [B] or None)``."""
+    mean, std, count = torch.empty(groups), torch.empty(groups), torch.empty(groups)
+    adv = torch.empty_like(scores) if with_advantages else None
+    _ops().group_advantages(scores, inverse, groups, norm_by_std, eps, mean, std, count, adv)
+    return mean, std, count, adv

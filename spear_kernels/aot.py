@@ -61,7 +61,9 @@ def compile_all(archs: list[int]) -> list[dict]:
             try:
                 src = ASTSource(spec["fn"], spec["signature"], spec["constexprs"])
                 compiled = triton.compile(
-                    src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]}
+                    src,
+                    target=GPUTarget("cuda", arch, 32),
+                    options={"num_warps": spec["num_warps"], "enable_fp_fusion": True},
                 )
                 row.update(resource_usage(compiled.asm["cubin"]))
                 row["ok"] = row["local"] == 0

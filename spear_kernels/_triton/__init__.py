@@ -1,8 +1,8 @@
 """Triton kernels (GPU path). Importing this package imports triton; spear_kernels does so lazily."""
 
-from . import logprobs_entropy
+from . import group_advantages, logprobs_entropy, policy_loss
 
-KERNEL_MODULES = (logprobs_entropy,)
+KERNEL_MODULES = (logprobs_entropy, policy_loss, group_advantages)
 
 
 def aot_specs() -> list[dict]:

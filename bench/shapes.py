@@ -1,0 +1,38 @@
+"""Named model configs and the shape sets each suite runs. Suites take shapes from here, never inline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODELS = {
+    # name: (hidden size, vocabulary size)
+    "qwen2.5-0.5b": (896, 151936),
+    "qwen2.5-7b": (3584, 152064),
+    "llama-3-8b": (4096, 128256),
+    "llama-2-7b": (4096, 32000),
+    "tiny": (64, 1031),  # quick mode: keeps the suites from rotting in CI
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    tokens: int
+
+    @property
+    def hidden(self) -> int:
+        return MODELS[self.model][0]
+
+    @property
+    def vocab(self) -> int:
+        return MODELS[self.model][1]
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-T{self.tokens}"
+
+
+LOGPROBS_ENTROPY = {
+    "full": [Case("llama-2-7b", 2048), Case("qwen2.5-0.5b", 2048)],
+    "quick": [Case("tiny", 64)],
+}

@@ -1,0 +1,108 @@
+"""logprobs_entropy: ours vs verl's eager formulas, the same under torch.compile, the torch reference,
+and the streaming-read limit; time per mode and peak memory in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from . import providers
+from .harness import MODES, loss_of, tag, time_it
+
+OP = "logprobs_entropy"
+DTYPES = [torch.float32, torch.bfloat16]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@lru_cache(maxsize=1)
+def inputs(case, dtype):
+    """One set of inputs at a time (the largest is 1.2 GB), shared by every provider and mode."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.empty(case.tokens, case.vocab, dtype=dtype).normal_(generator=g).to(DEVICE)
+    labels = torch.randint(0, case.vocab, (case.tokens,), generator=g).to(DEVICE)
+    return logits, labels
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", list(providers.LOGPROBS_ENTROPY))
+def test_time(benchmark, provider, mode, dtype, case):
+    reason = providers.available(provider, DEVICE)
+    if reason:
+        pytest.skip(reason)
+    fn = providers.LOGPROBS_ENTROPY[provider]
+    logits, labels = inputs(case, dtype)
+    tag(benchmark, op=OP, provider=provider, mode=mode, case=case, dtype=dtype, device=DEVICE.type)
+    if mode == "fwd":
+        with torch.no_grad():
+            time_it(benchmark, lambda: fn(logits, labels), DEVICE)
+        return
+    x = logits.detach().requires_grad_(True)
+    if mode == "bwd":
+        loss = loss_of(fn(x, labels))
+        time_it(benchmark, lambda: torch.autograd.grad(loss, x, retain_graph=True), DEVICE)
+    else:
+        time_it(benchmark, lambda: torch.autograd.grad(loss_of(fn(x, labels)), x), DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_limit(benchmark, mode, dtype, case):
+    """The physical limit of a memory-bound op: stream the bytes it must move.
+
+    fwd reads the logits once; bwd reads them and writes the gradient; full does both.
+    """
+    reason = providers.available("limit", DEVICE)
+    if reason:
+        pytest.skip(reason)
+    logits, _ = inputs(case, dtype)
+    grad = torch.zeros_like(logits)  # pre-faulted: this measures bandwidth, not page faults
+    tag(benchmark, op=OP, provider="limit", mode=mode, case=case, dtype=dtype, device=DEVICE.type)
+    steps = {
+        "fwd": lambda: providers.stream_read(logits),
+        "bwd": lambda: (providers.stream_read(logits), grad.fill_(0.5)),
+        "full": lambda: (providers.stream_read(logits), providers.stream_read(logits), grad.fill_(0.5)),
+    }
+    time_it(benchmark, steps[mode], DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("provider", ["cpp", "verl", "verl-compile", "torch"])
+def test_peak_memory(benchmark, provider, dtype, case):
+    """Peak RSS of fwd+bwd in a fresh process (see bench/memory.py); recorded in extra_info."""
+    reason = providers.available(provider, torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.memory",
+        "--op",
+        OP,
+        "--provider",
+        provider,
+        "--model",
+        case.model,
+        "--tokens",
+        str(case.tokens),
+        "--dtype",
+        str(dtype).removeprefix("torch."),
+    ]
+    result = {}
+
+    def run():
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    measured = {k: v for k, v in result.items() if k.endswith("_bytes")}
+    tag(benchmark, op=OP, provider=provider, mode="memory", case=case, dtype=dtype, device="cpu", **measured)
+    assert result["extra_bytes"] > 0

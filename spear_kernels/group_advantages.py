@@ -1,0 +1,79 @@
+"""``group_advantages`` / ``group_stats``: GRPO and Dr.GRPO group-relative advantages, verl-exact.
+
+Group ids (an int tensor, or any sequence of hashables such as verl's ``uid`` strings) are
+mapped to ``0..G-1`` in order of first appearance with one hash lookup per sample; the
+statistics (mean, unbiased std, count; a singleton group gets mean 0 and std 1) and the
+advantages then come from one C++ or Triton call. The eager twin is
+:func:`spear_kernels.reference.group_advantages`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._backend import resolve_backend
+
+
+def _check_eps(eps: float) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    return float(eps)
+
+
+def _stats(scores, group_ids, backend, norm_by_std, eps, with_advantages):
+    inverse, groups = reference.group_index(group_ids, scores.device if isinstance(scores, torch.Tensor) else None)
+    reference.check_scores(scores, inverse.numel())
+    s = scores.detach().to(torch.float32).contiguous()
+    if backend == "cpp":
+        from . import _cpp
+
+        mean, std, count, adv = _cpp.group_advantages(s, inverse, groups, norm_by_std, eps, with_advantages)
+    else:
+        from ._triton import group_advantages as tk
+
+        mean, std, count, adv = tk.group_advantages(s, inverse, groups, norm_by_std, eps, with_advantages)
+    return mean, std, count, inverse, adv
+
+
+def group_advantages(
+    scores: torch.Tensor,
+    group_ids,
+    *,
+    norm_by_std: bool = True,
+    eps: float = 1e-6,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Group-relative advantage of each response, ``[B]`` fp32 (no gradient).
+
+    Args:
+        scores: ``[B]`` one scalar reward per response (e.g. the sum of its token rewards).
+        group_ids: ``[B]`` int tensor, or a length-B sequence of hashables (verl ``uid`` strings).
+        norm_by_std: ``(s - mean) / (std + eps)`` (GRPO) if True, else ``s - mean`` (Dr.GRPO).
+        eps: added to the std.
+
+    Example:
+        >>> group_advantages(torch.tensor([1., 0., 1., 1.]), ["a", "a", "b", "b"])
+        tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
+    """
+    eps = _check_eps(eps)
+    backend = resolve_backend(backend, scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu"))
+    if backend == "torch":
+        return reference.group_advantages(scores, group_ids, norm_by_std=norm_by_std, eps=eps)
+    return _stats(scores, group_ids, backend, norm_by_std, eps, True)[4]
+
+
+def group_stats(
+    scores: torch.Tensor, group_ids, *, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group ``(mean [G], std [G], count [G], inverse [B])`` of ``scores [B]``, fp32 / int64.
+
+    Groups are numbered ``0..G-1`` in order of first appearance; ``inverse[i]`` is sample i's group.
+    ``std`` is unbiased; a singleton group has mean 0 and std 1 (verl's convention). Used by the
+    rollout std filter and the replay baseline.
+    """
+    backend = resolve_backend(backend, scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu"))
+    if backend == "torch":
+        return reference.group_stats(scores, group_ids)
+    mean, std, count, inverse, _ = _stats(scores, group_ids, backend, True, 0.0, False)
+    return mean, std, count, inverse

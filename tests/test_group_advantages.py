@@ -1,0 +1,125 @@
+"""group_advantages / group_stats: every backend against verl 0.9.1's GRPO estimators and the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import spear_kernels as sk
+from spear_kernels import reference
+
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is a dev dependency")
+
+BACKENDS = ["torch", *[b for b in ("cpp", "triton") if b in sk.available_backends()]]
+VERL_ESTIMATORS = {
+    "loop": core_algos.compute_grpo_outcome_advantage,
+    "vectorized": core_algos.compute_grpo_vectorized_outcome_advantage,
+}
+
+
+def rollout_batch(groups: list[int], seed=0, length=7, binary=True):
+    """verl-style inputs: token rewards at each response's last valid token, uid strings, masks."""
+    g = torch.Generator().manual_seed(seed)
+    uids = [f"uid-{i:04d}-{j}" for i, n in enumerate(groups) for j in ["x"] * n]
+    order = torch.randperm(len(uids), generator=g).tolist()  # interleave groups, as after shuffling
+    uids = [uids[i] for i in order]
+    b = len(uids)
+    lengths = torch.randint(1, length + 1, (b,), generator=g)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).float()
+    score = (torch.rand(b, generator=g) < 0.4).float() if binary else torch.randn(b, generator=g) * 3
+    rewards = torch.zeros(b, length)
+    rewards[torch.arange(b), lengths - 1] = score
+    return rewards, mask, np.array(uids, dtype=object)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", list(VERL_ESTIMATORS))
+@pytest.mark.parametrize("norm_by_std", [True, False], ids=["grpo", "dr-grpo"])
+@pytest.mark.parametrize(
+    "groups",
+    [[8] * 16, [16] * 8, [1, 1, 5, 1, 3], [64]],
+    ids=["n8", "n16", "singletons", "one-group"],
+)
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "real"])
+def test_matches_verl(backend, estimator, norm_by_std, groups, binary):
+    rewards, mask, uids = rollout_batch(groups, seed=len(groups), binary=binary)
+    expected, _ = VERL_ESTIMATORS[estimator](rewards, mask, uids, norm_adv_by_std_in_grpo=norm_by_std)
+    adv = sk.group_advantages(rewards.sum(-1), list(uids), norm_by_std=norm_by_std, backend=backend)
+    assert adv.shape == (len(uids),) and adv.dtype == torch.float32
+    assert_close("advantages", adv[:, None] * mask, expected, atol=1e-6, rtol=1.3e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_id_forms(backend):
+    scores = torch.tensor([1.0, 0.0, 2.0, 4.0, 3.0, 3.0, 7.0])
+    forms = {
+        "int tensor": torch.tensor([5, 5, 9, 9, 9, 2, 11]),
+        "int list": [5, 5, 9, 9, 9, 2, 11],
+        "str list": ["a", "a", "b", "b", "b", "c", "d"],
+        "numpy str": np.array(["a", "a", "b", "b", "b", "c", "d"]),
+        "numpy int": np.array([5, 5, 9, 9, 9, 2, 11]),
+        "tuples": [(0, 1), (0, 1), (2,), (2,), (2,), "c", None],
+    }
+    expected = torch.tensor([0.70710677, -0.70710677, -1.0, 1.0, 0.0, 3.0, 7.0])  # singletons: mean 0, std 1
+    for name, ids in forms.items():
+        adv = sk.group_advantages(scores, ids, eps=0.0, backend=backend)
+        assert_close(name, adv, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_stats(backend):
+    scores = torch.tensor([1.0, 0.0, 2.0, 4.0, 3.0, 3.0])
+    mean, std, count, inverse = sk.group_stats(scores, ["q", "q", "r", "r", "r", "s"], backend=backend)
+    assert inverse.tolist() == [0, 0, 1, 1, 1, 2]  # first-appearance order
+    assert_close("mean", mean, torch.tensor([0.5, 3.0, 0.0]), atol=1e-6, rtol=0)
+    assert_close("std", std, torch.tensor([0.70710677, 1.0, 1.0]), atol=1e-6, rtol=0)
+    assert count.tolist() == [2.0, 3.0, 1.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    adv = sk.group_advantages(torch.zeros(0), [], backend=backend)
+    assert adv.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs(backend):
+    with pytest.raises(ValueError, match="1-D"):
+        sk.group_advantages(torch.zeros(2, 3), [0, 1], backend=backend)
+    with pytest.raises(ValueError, match="entries"):
+        sk.group_advantages(torch.zeros(3), [0, 1], backend=backend)
+    with pytest.raises(ValueError, match="hashable"):
+        sk.group_advantages(torch.zeros(2), [[0], [1]], backend=backend)
+    with pytest.raises(ValueError, match="integers or hashables"):
+        sk.group_advantages(torch.zeros(2), torch.tensor([0.5, 1.5]), backend=backend)
+    with pytest.raises(ValueError, match="eps"):
+        sk.group_advantages(torch.zeros(2), [0, 1], eps=-1.0, backend=backend)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=12),
+    seed=st.integers(0, 2**16),
+    norm=st.booleans(),
+)
+def test_properties_and_backend_agreement(sizes, seed, norm):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([i for i, n in enumerate(sizes) for _ in range(n)])[torch.randperm(sum(sizes), generator=g)]
+    scores = torch.randn(ids.numel(), generator=g) * 5
+    ref = reference.group_advantages(scores, ids, norm_by_std=norm)
+    for backend in BACKENDS[1:]:
+        assert_close(
+            backend, sk.group_advantages(scores, ids, norm_by_std=norm, backend=backend), ref, atol=1e-5, rtol=1e-5
+        )
+    for gid, n in enumerate(sizes):
+        a = ref[ids == gid]
+        if n == 1:
+            assert a.item() == pytest.approx(scores[ids == gid].item() / (1 + 1e-6 if norm else 1), rel=1e-6)
+        else:
+            assert abs(a.sum().item()) < 1e-3 * n  # centred
+            if norm and scores[ids == gid].std() > 1e-3:
+                assert a.std().item() == pytest.approx(1.0, rel=1e-3)  # unit (unbiased) std
