@@ -35,16 +35,18 @@ def time_it(benchmark, fn: Callable[[], object], device: torch.device, budget_s:
 def tag(benchmark, *, op: str, provider: str, mode: str, case, dtype: torch.dtype, **extra) -> None:
     """Everything the report needs to group rows and compute ratios, plus the machine they ran on."""
     benchmark.group = f"{op} | {case.id} | {str(dtype).removeprefix('torch.')} | {mode}"
+    shape = {
+        k: getattr(case, k)
+        for k in ("model", "tokens", "hidden", "vocab", "batch", "group_size", "length")
+        if hasattr(case, k)
+    }
     benchmark.extra_info.update(
         {
             "op": op,
             "provider": provider,
             "mode": mode,
             "case": case.id,
-            "model": case.model,
-            "tokens": case.tokens,
-            "hidden": case.hidden,
-            "vocab": case.vocab,
+            **shape,
             "dtype": str(dtype).removeprefix("torch."),
             **extra,
             **machine_info(),

@@ -42,6 +42,84 @@ LOGPROBS_ENTROPY: dict[str, Callable] = {
 OURS = {"cpp", "triton"}
 
 
+# --- group advantages: (token_level_rewards [B, L], response_mask [B, L], uids) -> advantages [B, L]
+
+
+def _verl_grpo(vectorized: bool):
+    def run(rewards, mask, uids):
+        from verl.trainer.ppo import core_algos
+
+        fn = (
+            core_algos.compute_grpo_vectorized_outcome_advantage
+            if vectorized
+            else (core_algos.compute_grpo_outcome_advantage)
+        )
+        return fn(rewards, mask, uids)[0]
+
+    return run
+
+
+def _ours_grpo(backend):
+    return lambda rewards, mask, uids: sk.group_advantages(rewards.sum(-1), uids, backend=backend)[:, None] * mask
+
+
+GROUP_ADVANTAGES: dict[str, Callable] = {
+    "cpp": _ours_grpo("cpp"),
+    "triton": _ours_grpo("triton"),
+    "torch": lambda rewards, mask, uids: reference.group_advantages(rewards.sum(-1), uids)[:, None] * mask,
+    "verl": _verl_grpo(vectorized=False),
+    "verl-vectorized": _verl_grpo(vectorized=True),
+}
+
+
+# --- policy loss: (log_prob, old_log_prob, advantages, mask, mode) -> token-mean loss (scalar)
+
+
+@cache
+def verl_actor_config(clip_cov_ratio=2e-4, kl_cov_ratio=2e-4):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(
+        {
+            "clip_ratio": 0.2,
+            "clip_ratio_low": 0.2,
+            "clip_ratio_high": 0.28,
+            "clip_ratio_c": 3.0,
+            "policy_loss": {
+                "clip_cov_ratio": clip_cov_ratio,
+                "clip_cov_lb": 1.0,
+                "clip_cov_ub": 5.0,
+                "kl_cov_ratio": kl_cov_ratio,
+                "ppo_kl_coef": 0.1,
+            },
+            "global_batch_info": {},
+        }
+    )
+
+
+def _verl_policy_loss(log_prob, old, adv, mask, mode):
+    from verl.trainer.ppo import core_algos
+
+    fn = core_algos.get_policy_loss_fn(mode)
+    return fn(old, log_prob, adv, mask, "token-mean", verl_actor_config())[0]
+
+
+def _ours_policy_loss(backend):
+    def run(log_prob, old, adv, mask, mode):
+        loss_mat, _ = sk.policy_loss(log_prob, old, adv, mask, mode=mode, backend=backend)
+        return (loss_mat * mask).sum() / mask.sum()
+
+    return run
+
+
+POLICY_LOSS: dict[str, Callable] = {
+    "cpp": _ours_policy_loss("cpp"),
+    "triton": _ours_policy_loss("triton"),
+    "torch": _ours_policy_loss("torch"),
+    "verl": _verl_policy_loss,
+}
+
+
 def available(provider: str, device: torch.device) -> str | None:
     """None if ``provider`` runs on ``device`` here, else the reason it does not."""
     if provider == "cpp":

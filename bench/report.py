@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 OURS = ("cpp", "triton")
-PEER_ORDER = ("torch", "verl", "verl-compile", "verl-fused", "liger", "flash-attn")
+PEER_ORDER = ("torch", "verl", "verl-vectorized", "verl-compile", "verl-fused", "liger", "flash-attn")
 
 
 def load_rows(path: Path) -> tuple[list[dict], dict]:

@@ -36,3 +36,27 @@ LOGPROBS_ENTROPY = {
     "full": [Case("llama-2-7b", 2048), Case("qwen2.5-0.5b", 2048)],
     "quick": [Case("tiny", 64)],
 }
+
+
+@dataclass(frozen=True)
+class RolloutCase:
+    """A rollout batch: ``batch`` responses in groups of ``group_size``, responses ``length`` tokens wide."""
+
+    batch: int
+    group_size: int
+    length: int
+
+    @property
+    def id(self) -> str:
+        return f"B{self.batch}-n{self.group_size}-L{self.length}"
+
+
+GROUP_ADVANTAGES = {
+    "full": [RolloutCase(1024, 8, 512), RolloutCase(16384, 8, 512), RolloutCase(16384, 16, 512)],
+    "quick": [RolloutCase(64, 8, 16)],
+}
+
+POLICY_LOSS = {
+    "full": [RolloutCase(256, 8, 4096)],
+    "quick": [RolloutCase(8, 4, 64)],
+}

@@ -247,6 +247,76 @@ void group_advantages_cpu(const at::Tensor& scores, const at::Tensor& inverse, i
   }
 }
 
+// Open-addressing table from a key to its group number (first appearance order). Keys are
+// hashed once; equal hashes are confirmed with `equal`.
+template <typename Key, typename Hash, typename Equal>
+int64_t assign_groups(int64_t n, Key (*key_at)(const void*, int64_t), const void* src, Hash hash, Equal equal,
+                      int64_t* out) {
+  struct Slot {
+    Key key;
+    uint64_t hash;
+    int64_t group;  // -1: empty
+  };
+  int64_t capacity = 16;
+  while (capacity < 2 * n) capacity <<= 1;
+  std::vector<Slot> table(capacity, Slot{Key{}, 0, -1});
+  const uint64_t mask = static_cast<uint64_t>(capacity - 1);
+  int64_t groups = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const Key key = key_at(src, i);
+    const uint64_t h = hash(key);
+    uint64_t slot = (h * 0x9E3779B97F4A7C15ull) >> 7 & mask;
+    while (true) {
+      Slot& e = table[slot];
+      if (e.group < 0) {
+        e = Slot{key, h, groups++};
+        out[i] = e.group;
+        break;
+      }
+      if (e.hash == h && equal(e.key, key)) {
+        out[i] = e.group;
+        break;
+      }
+      slot = (slot + 1) & mask;
+    }
+  }
+  return groups;
+}
+
+int64_t group_index_int_cpu(const at::Tensor& ids, const at::Tensor& inverse) {
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.dim() == 1,
+              "ids must be a contiguous 1-D int64 CPU tensor");
+  TORCH_CHECK(inverse.scalar_type() == at::kLong && inverse.is_contiguous() && inverse.numel() == ids.numel(),
+              "inverse must be a contiguous int64 tensor like ids");
+  auto key_at = [](const void* src, int64_t i) { return static_cast<const int64_t*>(src)[i]; };
+  return assign_groups<int64_t>(
+      ids.numel(), +key_at, ids.data_ptr<int64_t>(), [](int64_t k) { return static_cast<uint64_t>(k); },
+      [](int64_t a, int64_t b) { return a == b; }, inverse.data_ptr<int64_t>());
+}
+
+// Python objects (verl's uid strings, or any hashables) -> group numbers, with Python's own
+// hash and equality, written into an int64 buffer (a numpy array).
+int64_t group_index_objects(const pybind11::list& ids, const pybind11::buffer& out) {
+  const pybind11::buffer_info info = out.request(/*writable=*/true);
+  const auto n = static_cast<int64_t>(PyList_GET_SIZE(ids.ptr()));
+  if (info.ndim != 1 || info.itemsize != 8 || info.size != n || info.format.find_first_of("qlLQ") == std::string::npos) {
+    throw pybind11::value_error("out must be a writable int64 buffer with one element per id");
+  }
+  auto key_at = [](const void* src, int64_t i) { return PyList_GET_ITEM(static_cast<PyObject*>(const_cast<void*>(src)), i); };
+  auto hash = [](PyObject* o) {
+    const Py_hash_t h = PyObject_Hash(o);
+    if (h == -1) throw pybind11::error_already_set();
+    return static_cast<uint64_t>(h);
+  };
+  auto equal = [](PyObject* a, PyObject* b) {
+    if (a == b) return true;
+    const int eq = PyObject_RichCompareBool(a, b, Py_EQ);
+    if (eq < 0) throw pybind11::error_already_set();
+    return eq == 1;
+  };
+  return assign_groups<PyObject*>(n, +key_at, ids.ptr(), hash, equal, static_cast<int64_t*>(info.ptr));
+}
+
 }  // namespace
 }  // namespace spear_kernels
 
@@ -266,6 +336,7 @@ TORCH_LIBRARY(spear_kernels, m) {
   m.def(
       "group_advantages(Tensor scores, Tensor inverse, int groups, bool norm_by_std, float eps, Tensor(a!) mean, "
       "Tensor(b!) std, Tensor(c!) count, Tensor(d!)? advantages) -> ()");
+  m.def("group_index_int(Tensor ids, Tensor(a!) inverse) -> int");
 }
 
 TORCH_LIBRARY_IMPL(spear_kernels, CPU, m) {
@@ -274,12 +345,15 @@ TORCH_LIBRARY_IMPL(spear_kernels, CPU, m) {
   m.impl("stream_read", &spear_kernels::stream_read_cpu);
   m.impl("policy_loss_fwd", &spear_kernels::policy_loss_fwd_cpu);
   m.impl("group_advantages", &spear_kernels::group_advantages_cpu);
+  m.impl("group_index_int", &spear_kernels::group_index_int_cpu);
 }
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "spear_kernels C++ CPU kernels (operators live in torch.ops.spear_kernels)";
   m.def("cpu_capability", [] { return std::string(spear_kernels::kernels().name); },
         "The CPU capability whose kernels this process runs (DEFAULT, AVX2 or AVX512).");
+  m.def("group_index", &spear_kernels::group_index_objects, pybind11::arg("ids"), pybind11::arg("out"),
+        "Number the hashables in `ids` by first appearance into the int64 buffer `out`; returns the count.");
   m.def("compiled_capabilities", [] {
     std::vector<std::string> caps{"DEFAULT"};
 #ifdef SPEAR_HAVE_AVX2

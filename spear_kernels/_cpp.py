@@ -6,6 +6,7 @@ call the op; no autograd here.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._backend import cpp_module
@@ -91,3 +92,18 @@ def group_advantages(scores, inverse, groups: int, norm_by_std: bool, eps: float
     adv = torch.empty_like(scores) if with_advantages else None
     _ops().group_advantages(scores, inverse, groups, norm_by_std, eps, mean, std, count, adv)
     return mean, std, count, adv
+
+
+def group_index(group_ids) -> tuple[torch.Tensor, int]:
+    """Like :func:`spear_kernels.reference.group_index` (first-appearance numbering), in one C++ pass:
+    an open-addressing table keyed by Python's own hash and equality (or by the int64 value)."""
+    if isinstance(group_ids, torch.Tensor):
+        flat = group_ids.reshape(-1).to(torch.int64).contiguous()
+        inverse = torch.empty_like(flat)
+        return inverse, int(_ops().group_index_int(flat, inverse))
+    ids = group_ids.tolist() if isinstance(group_ids, np.ndarray) else list(group_ids)
+    if ids and isinstance(ids[0], torch.Tensor):
+        ids = [x.item() for x in ids]  # 0-d tensors hash by identity, not by value
+    out = np.empty(len(ids), dtype=np.int64)
+    groups = cpp_module().group_index(ids, out)
+    return torch.from_numpy(out), int(groups)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import resolve_backend
+from ._backend import available_backends, resolve_backend
 
 
 def _check_eps(eps: float) -> float:
@@ -21,8 +21,25 @@ def _check_eps(eps: float) -> float:
     return float(eps)
 
 
+def _group_index(group_ids, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Group numbering (first appearance): C++ for host data when the extension is built, else the reference's."""
+    if isinstance(group_ids, torch.Tensor) and (group_ids.dtype.is_floating_point or group_ids.dtype.is_complex):
+        return reference.group_index(group_ids)  # raises the reference's ValueError
+    host = not isinstance(group_ids, torch.Tensor) or group_ids.device.type == "cpu"
+    if host and "cpp" in available_backends():
+        from . import _cpp
+
+        try:
+            inverse, groups = _cpp.group_index(group_ids)
+        except TypeError as err:
+            raise ValueError(f"group_ids must be a tensor or a sequence of hashables: {err}") from None
+        return inverse.to(device), groups
+    return reference.group_index(group_ids, device)
+
+
 def _stats(scores, group_ids, backend, norm_by_std, eps, with_advantages):
-    inverse, groups = reference.group_index(group_ids, scores.device if isinstance(scores, torch.Tensor) else None)
+    device = scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu")
+    inverse, groups = _group_index(group_ids, device)
     reference.check_scores(scores, inverse.numel())
     s = scores.detach().to(torch.float32).contiguous()
     if backend == "cpp":
