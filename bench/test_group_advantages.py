@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from . import providers
+from . import providers, shapes
 from .harness import tag, time_it
 
+CASES = shapes.GROUP_ADVANTAGES  # parametrizes `case` (see conftest.py: full or --quick shapes)
 OP = "group_advantages"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from . import providers
+from . import providers, shapes
 from .harness import MODES, loss_of, tag, time_it
 
+CASES = shapes.LOGPROBS_ENTROPY  # parametrizes `case` (see conftest.py: full or --quick shapes)
 OP = "logprobs_entropy"
 DTYPES = [torch.float32, torch.bfloat16]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

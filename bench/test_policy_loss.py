@@ -8,9 +8,10 @@ from functools import lru_cache
 import pytest
 import torch
 
-from . import providers
+from . import providers, shapes
 from .harness import MODES, tag, time_it
 
+CASES = shapes.POLICY_LOSS  # parametrizes `case` (see conftest.py: full or --quick shapes)
 OP = "policy_loss"
 LOSS_MODES = ["vanilla", "clip_cov", "kl_cov", "gpg"]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,4 +1,4 @@
-"""pytest options for the benchmark suites.
+"""pytest options for the benchmark suites (root conftest, so they apply however pytest is invoked).
 
 pytest bench                      # full shapes, timings into pytest-benchmark
 pytest bench --quick              # tiny shapes: a smoke run of every suite (CI)
@@ -20,7 +20,9 @@ def shape_set(request) -> str:
 
 
 def pytest_generate_tests(metafunc):
-    if "case" in metafunc.fixturenames and hasattr(metafunc.module, "CASES"):
+    if "case" in metafunc.fixturenames:
+        if not hasattr(metafunc.module, "CASES"):
+            raise pytest.UsageError(f"{metafunc.module.__name__} uses `case` but defines no CASES shape set")
         quick = metafunc.config.getoption("--quick")
         cases = metafunc.module.CASES["quick" if quick else "full"]
         metafunc.parametrize("case", cases, ids=[c.id for c in cases])
