@@ -12,6 +12,13 @@ constexpr int64_t kIgnoreIndex = -100;
 
 enum class FloatKind : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// Running softmax statistics of one row, merged block by block (see softmax_rows.h).
+struct SoftmaxRowState {
+  float max_z = -__builtin_inff();  // running max logit
+  double s = 0.0;                   // sum 2^{(z - max_z) log2(e) / T}
+  double d = 0.0;                   // sum of exponent * 2^{exponent}
+};
+
 struct LogprobsEntropyFwdParams {
   const void* logits;      // [N, V] rows `row_stride` elements apart, unit stride inside a row
   int64_t row_stride;
@@ -80,5 +87,40 @@ struct GroupStatsParams {
 };
 
 using PolicyLossFn = void (*)(const PolicyLossParams&);
+
+}  // namespace spear_kernels
+
+namespace spear_kernels {
+
+// One [rows, cols] chunk of logits z = hidden[t0:t0+rows] @ weight[col0:col0+cols]^T, produced by a
+// GEMM into a contiguous workspace, handed to the epilogue (see linear_logprobs_entropy in ops.cpp).
+struct LinearChunkFwdParams {
+  const void* z;             // [rows, cols] contiguous
+  FloatKind kind;
+  int64_t rows, cols, col0;
+  const int64_t* labels;     // [rows]
+  float inv_temperature;
+  SoftmaxRowState* states;   // [rows], merged with this chunk
+  float* label_logit;        // [rows], set when the label falls in this chunk
+  bool last;                 // final vocabulary chunk: also write the outputs below
+  float* logp;               // [rows]
+  float* entropy;            // [rows]
+  float* stats;              // [rows, 2] (max logit, log2 S), as logprobs_entropy saves
+};
+
+struct LinearChunkBwdParams {
+  void* z;                   // [rows, cols] contiguous logits, overwritten with d loss / d z
+  FloatKind kind;
+  int64_t rows, cols, col0;
+  const int64_t* labels;
+  float inv_temperature;
+  const float* stats;        // [rows, 2]
+  const float* entropy;      // [rows]
+  const float* grad_logp;    // [rows] or nullptr
+  const float* grad_entropy; // [rows] or nullptr
+};
+
+using LinearChunkFwdFn = void (*)(const LinearChunkFwdParams&);
+using LinearChunkBwdFn = void (*)(const LinearChunkBwdParams&);
 
 }  // namespace spear_kernels

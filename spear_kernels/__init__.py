@@ -8,6 +8,7 @@ reference, :mod:`spear_kernels.reference`), ``triton`` (CUDA) and ``cpp`` (CPU,
 from ._backend import BackendUnavailableError, available_backends
 from ._validation import IGNORE_INDEX
 from .group_advantages import group_advantages, group_stats
+from .linear_logprobs_entropy import linear_logprobs_entropy
 from .logprobs_entropy import logprobs_entropy
 from .policy_loss import policy_loss
 
@@ -19,6 +20,7 @@ __all__ = [
     "available_backends",
     "group_advantages",
     "group_stats",
+    "linear_logprobs_entropy",
     "logprobs_entropy",
     "policy_loss",
 ]

@@ -107,3 +107,21 @@ def group_index(group_ids) -> tuple[torch.Tensor, int]:
     out = np.empty(len(ids), dtype=np.int64)
     groups = cpp_module().group_index(ids, out)
     return torch.from_numpy(out), int(groups)
+
+
+def linear_logprobs_entropy_fwd(hidden, weight, labels, temperature: float):
+    """``hidden [N, H]``, ``weight [V, H]`` (contiguous, same dtype), ``labels [N]`` -> ``(logp, entropy, stats)``."""
+    n = hidden.shape[0]
+    out = (torch.empty(n), torch.empty(n), torch.empty(n, 2))
+    _ops().linear_logprobs_entropy_fwd(hidden, weight, labels, temperature, *out)
+    return out
+
+
+def linear_logprobs_entropy_bwd(hidden, weight, labels, stats, entropy, grad_logp, grad_entropy, temperature: float):
+    """``(grad_hidden [N, H], grad_weight [V, H])`` in the inputs' dtype, accumulated in fp32."""
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.empty_like(weight)
+    _ops().linear_logprobs_entropy_bwd(
+        hidden, weight, labels, stats, entropy, grad_logp, grad_entropy, temperature, grad_hidden, grad_weight
+    )
+    return grad_hidden, grad_weight

@@ -56,3 +56,27 @@ def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, temperature:
         raise ValueError("logits have an empty vocabulary dimension (V = 0)")
     check_labels(labels, logits.shape[:-1], vocab, logits.device)
     return t
+
+
+def check_hidden_weight_labels(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature) -> float:
+    """Validates ``hidden [..., H]``, ``weight [V, H]`` (lm_head, no bias) and ``labels [...]``."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must be [..., H]")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be the lm_head matrix [V, H], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"hidden size mismatch: hidden [..., {hidden.shape[-1]}] vs weight [V, {weight.shape[1]}]")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if weight.device != hidden.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
+    t = check_temperature(temperature)
+    if weight.shape[0] == 0 and hidden.shape[:-1].numel() > 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    check_labels(labels, hidden.shape[:-1], weight.shape[0], hidden.device)
+    return t

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import IGNORE_INDEX, check_logits_labels
+from ._validation import IGNORE_INDEX, check_hidden_weight_labels, check_logits_labels
 
-__all__ = ["group_advantages", "group_stats", "logprobs_entropy", "policy_loss"]
+__all__ = ["group_advantages", "group_stats", "linear_logprobs_entropy", "logprobs_entropy", "policy_loss"]
 
 
 def logprobs_entropy(
@@ -29,6 +29,23 @@ def logprobs_entropy(
         ``(logp, entropy)``, both fp32 ``[...]``; ``entropy`` is None when ``return_entropy`` is False.
     """
     temperature = check_logits_labels(logits, labels, temperature)
+    return logprobs_entropy_math(logits, labels, temperature, return_entropy, torch.float32)
+
+
+def linear_logprobs_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`logprobs_entropy` of ``hidden @ weight.T``: ``hidden [..., H]``, ``weight [V, H]``, ``labels [...]``.
+
+    The eager reference materialises the fp32 logits ``[..., V]``; the fused backends never do.
+    """
+    temperature = check_hidden_weight_labels(hidden, weight, labels, temperature)
+    logits = hidden.float() @ weight.float().T
     return logprobs_entropy_math(logits, labels, temperature, return_entropy, torch.float32)
 
 

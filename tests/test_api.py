@@ -31,6 +31,7 @@ def test_public_api_is_pinned():
             "available_backends",
             "group_advantages",
             "group_stats",
+            "linear_logprobs_entropy",
             "logprobs_entropy",
             "policy_loss",
         ]
@@ -38,7 +39,7 @@ def test_public_api_is_pinned():
     for name in sk.__all__:
         assert hasattr(sk, name)
     assert sk.IGNORE_INDEX == -100
-    for name in ("logprobs_entropy", "group_advantages", "group_stats", "policy_loss"):
+    for name in ("logprobs_entropy", "linear_logprobs_entropy", "group_advantages", "group_stats", "policy_loss"):
         assert name in reference.__all__ and callable(getattr(reference, name))
 
 

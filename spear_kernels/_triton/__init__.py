@@ -1,8 +1,8 @@
 """Triton kernels (GPU path). Importing this package imports triton; spear_kernels does so lazily."""
 
-from . import group_advantages, logprobs_entropy, policy_loss
+from . import group_advantages, linear_logprobs_entropy, logprobs_entropy, policy_loss
 
-KERNEL_MODULES = (logprobs_entropy, policy_loss, group_advantages)
+KERNEL_MODULES = (logprobs_entropy, linear_logprobs_entropy, policy_loss, group_advantages)
 
 
 def aot_specs() -> list[dict]:
