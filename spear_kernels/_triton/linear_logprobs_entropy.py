@@ -177,7 +177,7 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
 
 
 def linear_logprobs_entropy_fwd(hidden, weight, labels, temperature: float):
-    """``hidden [N, H]``, ``weight [V, H]`` (contiguous, same dtype), ``labels [N]`` -> fp32 ``(logp, entropy, stats)``."""
+    """``hidden [N, H]``, ``weight [V, H]`` (contiguous), ``labels [N]`` -> fp32 ``(logp, entropy, stats)``."""
     n, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
