@@ -18,7 +18,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_it(benchmark, fn: Callable[[], object], device: torch.device, budget_s: float = 3.0) -> None:
-    """Times ``fn`` with pytest-benchmark: one warm-up call, then as many rounds as fit ``budget_s`` (3..50)."""
+    """Times ``fn`` with pytest-benchmark: one warm-up call, then as many rounds as fit ``budget_s``
+    (3..50; 2 for calls over 2 s, whose run-to-run spread is small next to their length)."""
 
     def call():
         out = fn()
@@ -28,7 +29,7 @@ def time_it(benchmark, fn: Callable[[], object], device: torch.device, budget_s:
     start = time.perf_counter()
     call()  # warm-up: compilation, first-touch allocation
     once = max(time.perf_counter() - start, 1e-6)
-    rounds = int(min(50, max(3, budget_s / once)))
+    rounds = 2 if once > 2.0 else int(min(50, max(3, budget_s / once)))
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1 if once < 0.5 else 0)
 
 
@@ -52,6 +53,10 @@ def tag(benchmark, *, op: str, provider: str, mode: str, case, dtype: torch.dtyp
             **machine_info(),
         }
     )
+
+
+def grads_of(loss: torch.Tensor, inputs) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(loss, inputs)
 
 
 def loss_of(outputs) -> torch.Tensor:

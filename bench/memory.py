@@ -5,8 +5,8 @@
 Prints one JSON object. The inputs are created first (in place, no temporaries) and one
 warm-up call runs (compilation, allocator caches); then the kernel's peak-RSS counter is
 reset (/proc/self/clear_refs) and the op runs once more. ``extra_bytes`` is that run's
-peak RSS above the RSS just before it; ``extra_beyond_grad_bytes`` subtracts the logits'
-gradient, which every provider must produce.
+peak RSS above the RSS just before it; ``extra_beyond_grad_bytes`` subtracts the inputs'
+gradients (logits; or hidden and weight), which every provider must produce.
 """
 
 from __future__ import annotations
@@ -43,33 +43,38 @@ def measure(op: str, provider: str, model: str, tokens: int, dtype: str) -> dict
 
     case = Case(model, tokens)
     dt = getattr(torch, dtype)
-    if op != "logprobs_entropy":
-        raise ValueError(f"unknown op {op}")
-    fn = providers.LOGPROBS_ENTROPY[provider]
-    logits = torch.empty(case.tokens, case.vocab, dtype=dt).normal_().requires_grad_(True)
     labels = torch.randint(0, case.vocab, (case.tokens,))
+    if op == "logprobs_entropy":
+        fn = providers.LOGPROBS_ENTROPY[provider]
+        inputs = [torch.empty(case.tokens, case.vocab, dtype=dt).normal_().requires_grad_(True)]
+    elif op == "linear_logprobs_entropy":
+        fn = providers.LINEAR_LOGPROBS_ENTROPY[provider]
+        inputs = [
+            torch.empty(case.tokens, case.hidden, dtype=dt).normal_().requires_grad_(True),
+            torch.empty(case.vocab, case.hidden, dtype=dt).normal_(std=0.02).requires_grad_(True),
+        ]
+    else:
+        raise ValueError(f"unknown op {op}")
 
     def step():
-        (grad,) = torch.autograd.grad(loss_of(fn(logits, labels)), logits)
-        return grad
+        return torch.autograd.grad(loss_of(fn(*inputs, labels)), inputs)
 
     step()
     _settle()
     before = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
-    grad = step()
+    grads = step()
     peak = _status_kb("VmHWM")
-    logits_bytes = logits.numel() * logits.element_size()
     extra = (peak - before) * 1024
     return {
         "op": op,
         "provider": provider,
         "case": case.id,
         "dtype": dtype,
-        "logits_bytes": logits_bytes,
+        "logits_bytes": case.tokens * case.vocab * torch.finfo(dt).bits // 8,
         "extra_bytes": extra,
-        "extra_beyond_grad_bytes": extra - grad.numel() * grad.element_size(),
+        "extra_beyond_grad_bytes": extra - sum(g.numel() * g.element_size() for g in grads),
     }
 
 

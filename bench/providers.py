@@ -31,12 +31,22 @@ def _verl_compiled(logits, labels):
     return _verl_compiled_fn()(logits, labels)
 
 
+def _flash_attn(logits, labels):
+    """flash-attn's Triton cross-entropy (GPU only) for the log-prob; it has no entropy, so verl's formula adds it."""
+    from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+    from verl.utils.torch_functional import entropy_from_logits
+
+    losses, _ = cross_entropy_loss(logits, labels)
+    return -losses, entropy_from_logits(logits)
+
+
 LOGPROBS_ENTROPY: dict[str, Callable] = {
     "cpp": lambda z, y: sk.logprobs_entropy(z, y, backend="cpp"),
     "triton": lambda z, y: sk.logprobs_entropy(z, y, backend="triton"),
     "torch": lambda z, y: reference.logprobs_entropy(z, y),
     "verl": _verl_eager,
     "verl-compile": _verl_compiled,
+    "flash-attn": _flash_attn,
 }
 
 OURS = {"cpp", "triton"}

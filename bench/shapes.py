@@ -32,6 +32,11 @@ class Case:
         return f"{self.model}-T{self.tokens}"
 
 
+LINEAR_LOGPROBS_ENTROPY = {
+    "full": [Case("qwen2.5-0.5b", 512)],
+    "quick": [Case("tiny", 64)],
+}
+
 LOGPROBS_ENTROPY = {
     "full": [Case("llama-2-7b", 2048), Case("qwen2.5-0.5b", 2048)],
     "quick": [Case("tiny", 64)],
