@@ -52,6 +52,37 @@ LOGPROBS_ENTROPY: dict[str, Callable] = {
 OURS = {"cpp", "triton"}
 
 
+# --- fused lm_head: (hidden [T, H], weight [V, H], labels [T]) -> (logp, entropy)
+
+
+def _verl_eager_linear(hidden, weight, labels):
+    return _verl_eager(hidden @ weight.T, labels)
+
+
+@cache
+def _verl_fused_module():
+    from verl.utils.experimental.torch_functional import FusedLinearForPPO
+
+    return FusedLinearForPPO()
+
+
+def _liger_linear(hidden, weight, labels):
+    from liger_kernel.ops import LigerFusedLinearScaledCrossEntropyFunction
+
+    nll, entropy = LigerFusedLinearScaledCrossEntropyFunction.apply(hidden, weight, labels, 1.0, -100, 1, True)
+    return -nll, entropy
+
+
+LINEAR_LOGPROBS_ENTROPY: dict[str, Callable] = {
+    "cpp": lambda h, w, y: sk.linear_logprobs_entropy(h, w, y, backend="cpp"),
+    "triton": lambda h, w, y: sk.linear_logprobs_entropy(h, w, y, backend="triton"),
+    "torch": lambda h, w, y: reference.linear_logprobs_entropy(h, w, y),
+    "verl": _verl_eager_linear,
+    "verl-fused": lambda h, w, y: _verl_fused_module()(h, w, y),
+    "liger": _liger_linear,
+}
+
+
 # --- group advantages: (token_level_rewards [B, L], response_mask [B, L], uids) -> advantages [B, L]
 
 
@@ -140,6 +171,8 @@ def available(provider: str, device: torch.device) -> str | None:
         return None if device.type == "cuda" and "triton" in sk.available_backends() else "triton needs CUDA"
     if provider.startswith("verl"):
         return None if importlib.util.find_spec("verl") else "verl is not installed (pip install -e .[bench])"
+    if provider == "liger":
+        return None if importlib.util.find_spec("liger_kernel") else "liger-kernel is not installed"
     if provider == "limit" and device.type != "cpu":
         return "the streaming-read limit is measured on CPU"
     return None
