@@ -171,6 +171,10 @@ def available(provider: str, device: torch.device) -> str | None:
         return None if device.type == "cuda" and "triton" in sk.available_backends() else "triton needs CUDA"
     if provider.startswith("verl"):
         return None if importlib.util.find_spec("verl") else "verl is not installed (pip install -e .[bench])"
+    if provider == "flash-attn":
+        if device.type != "cuda":
+            return "flash-attn's cross_entropy_loss runs on CUDA only"
+        return None if importlib.util.find_spec("flash_attn") else "flash-attn is not installed"
     if provider == "liger":
         return None if importlib.util.find_spec("liger_kernel") else "liger-kernel is not installed"
     if provider == "limit" and device.type != "cpu":
