@@ -1,0 +1,310 @@
+"""SPEAR configuration: the keys of the SPEAR README, in its sections, with validation and presets.
+
+    from spear.config import load_config
+    cfg = load_config("my.yaml", preset="alfworld_grpo_spear", overrides=["algorithm.max_toolcall_steps=50"])
+    cfg.actor_rollout_ref.actor.trajectory_buffer_size
+
+Sources merge in order: defaults (the README's values) < preset < ``source`` (a YAML path or a dict)
+< dotted ``key=value`` overrides. Unknown keys and values out of range are a :class:`ConfigError`
+naming the key and what is allowed. ``docs/config.md`` lists every key: the README's meaning, the
+default, what the reference code did, and our choice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+POLICY_LOSS_MODES = ("vanilla", "clip_cov", "kl_cov", "gpg")
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_LOSS_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+TOOLCALL_REWARD_MODES = ("none", "constant", "cosine")
+ADV_ESTIMATORS = ("grpo", "gigpo")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, or its value is out of range or not among the allowed ones."""
+
+
+@dataclass
+class PolicyLossConfig:
+    """``actor_rollout_ref.actor.policy_loss``."""
+
+    loss_mode: str = "vanilla"
+    clip_cov_ratio: float = 0.02
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 40.0
+    kl_cov_ratio: float = 0.02
+    clip_cov_ratio_replay: float = 0.02
+    clip_cov_lb_replay: float = 1.0
+    clip_cov_ub_replay: float = 40.0
+    kl_cov_ratio_replay: float = 0.02
+    ppo_kl_coef: float = 0.1  # verl's kl_cov penalty coefficient (not a README key)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ActorConfig:
+    """``actor_rollout_ref.actor``: self-imitation, recalibration, Dr.BoT loss settings."""
+
+    # Self-imitation learning
+    enable_trajectory_replay: bool = False
+    trajectory_buffer_size: int = 2048
+    trajectory_score_threshold: float = 1.0
+    trajectory_tolerate_steps: int = 10
+    replay_loss_coef: float = 1.0
+    max_replay_loss_steps: int = 200
+    # Advantage recalibration
+    weight_decay_trajectory_replay: float = -1.0
+    baseline_buffer_size: int = 10240
+    # Dr.BoT
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.0
+    kl_loss_type: str = "low_var_kl"
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    clip_ratio_c: float = 3.0
+    loss_agg_mode: str = "seq-mean-token-sum-norm"
+    entropy_coeff: float = 0.0
+    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    # Options reproducing the reference code where it differs from the README (docs/config.md)
+    replay_update: str = "separate"  # separate optimizer steps (reference) | mixed into the on-policy batch
+    replay_staleness: str = "current"  # current step (README) | newest_capped (reference: newest entry, cap 10)
+    replay_baseline: str = "rewards"  # rewards FIFO (README) | group_stats (reference: group means and stds)
+    # Training loop
+    ppo_mini_batch_size: int = 16
+    ppo_micro_batch_size: int = 4
+    ppo_epochs: int = 1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class RolloutConfig:
+    """``actor_rollout_ref.rollout``."""
+
+    rollout_filter_ratio: float = 0.75
+    rollout_filter_type: str = "std"
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    response_length: int = 512
+    max_turns: int = 8
+
+
+@dataclass
+class ActorRolloutRefConfig:
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+
+@dataclass
+class AlgorithmConfig:
+    """``algorithm``: intrinsic reward, advantage estimation, Dr.BoT filters."""
+
+    use_toolcall_reward: str = "cosine"
+    max_toolcall_steps: int = 100
+    toolcall_reward_variant: str = "per_turn"  # per_turn: min(0.1 k, 1) (reference) | any: full factor if k > 0
+    norm_adv_by_std_in_grpo: bool = False
+    adv_estimator: str = "grpo"
+    gamma: float = 0.95  # GiGPO step-level discount
+    step_advantage_w: float = 1.0  # GiGPO step-level weight
+    gigpo_mode: str = "mean_std_norm"
+    filter_overlong_responses: bool = True
+    filter_incomplete_responses: bool = True
+    filter_repetitive_responses: bool = True
+    filter_unreadable_responses: bool = True
+
+
+@dataclass
+class SpearConfig:
+    actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+
+def _check_choice(key: str, value: Any, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r} is not allowed; expected one of {', '.join(map(repr, allowed))}")
+
+
+def _check_range(
+    key: str,
+    value: float,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        lb = "-inf" if lo is None else f"{lo}"
+        ub = "inf" if hi is None else f"{hi}"
+        interval = f"{'(' if lo_open or lo is None else '['}{lb}, {ub}{')' if hi_open or hi is None else ']'}"
+        raise ConfigError(f"{key} = {value!r} is out of range; expected a number in {interval}")
+
+
+def validate(cfg: SpearConfig) -> SpearConfig:
+    """Raises :class:`ConfigError` naming the first bad key; returns ``cfg`` (with loss modes normalised)."""
+    a, pl = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.actor.policy_loss
+    r, alg = cfg.actor_rollout_ref.rollout, cfg.algorithm
+    p = "actor_rollout_ref.actor."
+    pl.loss_mode = pl.loss_mode.replace("-", "_")  # the README writes clip-cov / kl-cov
+    _check_choice(p + "policy_loss.loss_mode", pl.loss_mode, POLICY_LOSS_MODES)
+    for suffix in ("", "_replay"):
+        _check_range(
+            p + f"policy_loss.clip_cov_ratio{suffix}", getattr(pl, f"clip_cov_ratio{suffix}"), 0, 1, lo_open=True
+        )
+        _check_range(p + f"policy_loss.kl_cov_ratio{suffix}", getattr(pl, f"kl_cov_ratio{suffix}"), 0, 1, lo_open=True)
+        lb, ub = getattr(pl, f"clip_cov_lb{suffix}"), getattr(pl, f"clip_cov_ub{suffix}")
+        _check_range(p + f"policy_loss.clip_cov_lb{suffix}", lb)
+        _check_range(p + f"policy_loss.clip_cov_ub{suffix}", ub, lb, lo_open=True)
+    _check_range(p + "policy_loss.ppo_kl_coef", pl.ppo_kl_coef, 0)
+    for key in (
+        "trajectory_buffer_size",
+        "baseline_buffer_size",
+        "ppo_mini_batch_size",
+        "ppo_micro_batch_size",
+        "ppo_epochs",
+    ):
+        _check_range(p + key, getattr(a, key), 1)
+    _check_range(p + "trajectory_tolerate_steps", a.trajectory_tolerate_steps, 0)
+    _check_range(p + "trajectory_score_threshold", a.trajectory_score_threshold)
+    _check_range(p + "replay_loss_coef", a.replay_loss_coef, 0)
+    _check_range(p + "max_replay_loss_steps", a.max_replay_loss_steps, 0)
+    w = a.weight_decay_trajectory_replay
+    if not (w == -1 or (isinstance(w, (int, float)) and 0 < w <= 1)):
+        raise ConfigError(
+            f"{p}weight_decay_trajectory_replay = {w!r} is not allowed; expected -1 (50th-percentile "
+            "baseline) or a decay factor in (0, 1]"
+        )
+    _check_range(p + "kl_loss_coef", a.kl_loss_coef, 0)
+    _check_choice(p + "kl_loss_type", a.kl_loss_type, KL_LOSS_TYPES)
+    _check_range(p + "clip_ratio_low", a.clip_ratio_low, 0, 1, hi_open=True)
+    _check_range(p + "clip_ratio_high", a.clip_ratio_high, 0)
+    _check_range(p + "clip_ratio_c", a.clip_ratio_c, 1, lo_open=True)
+    _check_choice(p + "loss_agg_mode", a.loss_agg_mode, LOSS_AGG_MODES)
+    _check_range(p + "entropy_coeff", a.entropy_coeff)
+    _check_choice(p + "replay_update", a.replay_update, ("separate", "mixed"))
+    _check_choice(p + "replay_staleness", a.replay_staleness, ("current", "newest_capped"))
+    _check_choice(p + "replay_baseline", a.replay_baseline, ("rewards", "group_stats"))
+    _check_range(p + "optim.lr", a.optim.lr, 0, lo_open=True)
+    _check_range(p + "optim.weight_decay", a.optim.weight_decay, 0)
+    _check_range(p + "optim.grad_clip", a.optim.grad_clip, 0, lo_open=True)
+    q = "actor_rollout_ref.rollout."
+    _check_range(q + "rollout_filter_ratio", r.rollout_filter_ratio, 0, 1, lo_open=True)
+    _check_choice(q + "rollout_filter_type", r.rollout_filter_type, ("std",))
+    _check_range(q + "n", r.n, 1)
+    _check_range(q + "temperature", r.temperature, 0, lo_open=True)
+    _check_range(q + "top_p", r.top_p, 0, 1, lo_open=True)
+    _check_range(q + "response_length", r.response_length, 1)
+    _check_range(q + "max_turns", r.max_turns, 1)
+    _check_choice("algorithm.use_toolcall_reward", alg.use_toolcall_reward, TOOLCALL_REWARD_MODES)
+    _check_range("algorithm.max_toolcall_steps", alg.max_toolcall_steps, 1)
+    _check_choice("algorithm.toolcall_reward_variant", alg.toolcall_reward_variant, ("per_turn", "any"))
+    _check_choice("algorithm.adv_estimator", alg.adv_estimator, ADV_ESTIMATORS)
+    _check_range("algorithm.gamma", alg.gamma, 0, 1)
+    _check_range("algorithm.step_advantage_w", alg.step_advantage_w, 0)
+    _check_choice("algorithm.gigpo_mode", alg.gigpo_mode, ("mean_std_norm", "mean_norm"))
+    return cfg
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _as_node(source: Any, what: str) -> DictConfig:
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"{what}: no such file {path}")
+        node = OmegaConf.load(path)
+    elif isinstance(source, Mapping):
+        node = OmegaConf.create(dict(source))
+    elif isinstance(source, DictConfig):
+        node = source
+    else:
+        raise ConfigError(f"{what} must be a YAML path, a dict or None, got {type(source).__name__}")
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{what} must hold a mapping at the top level")
+    return node
+
+
+def _merge(base: DictConfig, node: DictConfig, what: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, node)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        msg = str(err).splitlines()[0]
+        if "not in struct" in msg or "Key '" in msg and "not in" in msg:
+            raise ConfigError(f"{what}: unknown key {key!r}") from None
+        raise ConfigError(f"{what}: bad value for {key!r}: {msg}") from None
+
+
+def load_config(source: Any = None, *, preset: str | None = None, overrides: Iterable[str] = ()) -> SpearConfig:
+    """Builds a validated :class:`SpearConfig`.
+
+    Args:
+        source: a YAML file path, a dict (nested like the YAML), or None for the defaults.
+        preset: a name from :func:`available_presets` (``spear/presets/<name>.yaml``), applied before ``source``.
+        overrides: dotted ``key=value`` strings, e.g. ``["algorithm.max_toolcall_steps=50"]``, applied last.
+    """
+    cfg = OmegaConf.structured(SpearConfig)
+    if preset is not None:
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(available_presets())}")
+        cfg = _merge(cfg, _as_node(path, f"preset {preset}"), f"preset {preset}")
+    if source is not None:
+        cfg = _merge(cfg, _as_node(source, "config"), "config")
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+    if overrides:
+        try:
+            dotlist = OmegaConf.from_dotlist(overrides)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"overrides: {err}") from None
+        cfg = _merge(cfg, dotlist, "override")
+    return validate(OmegaConf.to_object(cfg))
+
+
+def to_dict(cfg: SpearConfig) -> dict:
+    """Plain nested dict (for checkpoints, logs and YAML dumps)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def iter_keys(obj: Any = None, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """Every leaf key of the config with its default, dotted (``actor_rollout_ref.actor.trajectory_buffer_size``)."""
+    obj = SpearConfig() if obj is None else obj
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            yield from iter_keys(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value

@@ -1,0 +1,34 @@
+"""The intrinsic tool-call reward (SPEAR-SPEC section 3)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def toolcall_bonus(tool_turns: torch.Tensor | list[int], factor: float, *, variant: str = "per_turn") -> torch.Tensor:
+    """Bonus per trajectory, fp32 ``[B]``.
+
+    ``tool_turns[i]`` counts the assistant turns of trajectory i that made at least one tool call
+    (math) or environment action (agent envs). ``per_turn`` (reference): ``min(0.1 k, 1) * factor``;
+    ``any``: ``factor`` when ``k > 0``. The bonus is added whether or not the answer is right.
+    """
+    k = torch.as_tensor(tool_turns, dtype=torch.float32)
+    if bool((k < 0).any()):
+        raise ValueError("tool-call turn counts must be >= 0")
+    if variant == "per_turn":
+        return torch.clamp(0.1 * k, max=1.0) * factor
+    if variant == "any":
+        return (k > 0).float() * factor
+    raise ValueError(f"toolcall_reward_variant must be 'per_turn' or 'any', got {variant!r}")
+
+
+def add_to_last_token(token_rewards: torch.Tensor, response_mask: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
+    """Adds ``bonus [B]`` at each response's last valid token of ``token_rewards [B, L]`` (rows with no valid
+    token get nothing); returns a new tensor."""
+    out = token_rewards.clone()
+    valid = response_mask.bool()
+    has_token = valid.any(-1)
+    last = valid.shape[-1] - 1 - valid.flip(-1).float().argmax(-1)
+    rows = torch.nonzero(has_token).squeeze(1)
+    out[rows, last[rows]] += bonus.to(out.dtype)[rows]
+    return out
