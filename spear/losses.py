@@ -144,7 +144,7 @@ def actor_loss(
     generator: torch.Generator | None = None,
     global_batch_info: dict | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Policy loss - ``entropy_coeff`` * aggregated entropy + ``kl_loss_coef`` * aggregated KL (when ``use_kl_loss``)."""
+    """Policy loss - ``entropy_coeff`` * aggregated entropy + ``kl_loss_coef`` * aggregated KL (``use_kl_loss``)."""
     loss, metrics = compute_policy_loss(
         log_prob,
         old_log_prob,
