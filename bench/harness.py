@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -63,3 +67,37 @@ def loss_of(outputs) -> torch.Tensor:
     """The scalar both outputs feed, so every gradient path runs: sum(logp) + sum(entropy)."""
     logp, ent = outputs
     return logp.sum() + ent.sum()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def record_peak_memory(benchmark, *, op: str, provider: str, case, dtype: torch.dtype) -> dict:
+    """Runs ``python -m bench.memory`` for one op/provider/shape in a fresh process and records its peak RSS
+    (bytes above the RSS before the call, total and beyond the input gradients) in the row's extra_info."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.memory",
+        "--op",
+        op,
+        "--provider",
+        provider,
+        "--model",
+        case.model,
+        "--tokens",
+        str(case.tokens),
+        "--dtype",
+        str(dtype).removeprefix("torch."),
+    ]
+    result = {}
+
+    def run():
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    measured = {k: v for k, v in result.items() if k.endswith("_bytes")}
+    tag(benchmark, op=op, provider=provider, mode="memory", case=case, dtype=dtype, device="cpu", **measured)
+    return result

@@ -3,23 +3,18 @@ Liger-Kernel's fused linear cross-entropy, the torch reference, and the limit: t
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import torch
 
 from . import providers, shapes
-from .harness import MODES, loss_of, tag, time_it
+from .harness import MODES, loss_of, record_peak_memory, tag, time_it
 
 CASES = shapes.LINEAR_LOGPROBS_ENTROPY  # parametrizes `case` (see conftest.py: full or --quick shapes)
 OP = "linear_logprobs_entropy"
 DTYPES = [torch.float32, torch.bfloat16]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @lru_cache(maxsize=1)
@@ -75,29 +70,5 @@ def test_peak_memory(benchmark, provider, dtype, case):
     reason = providers.available(provider, torch.device("cpu"))
     if reason:
         pytest.skip(reason)
-    cmd = [
-        sys.executable,
-        "-m",
-        "bench.memory",
-        "--op",
-        OP,
-        "--provider",
-        provider,
-        "--model",
-        case.model,
-        "--tokens",
-        str(case.tokens),
-        "--dtype",
-        str(dtype).removeprefix("torch."),
-    ]
-    result = {}
-
-    def run():
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-
-    benchmark.pedantic(run, rounds=1, iterations=1)
-    measured = {k: v for k, v in result.items() if k.endswith("_bytes")}
-    tag(benchmark, op=OP, provider=provider, mode="memory", case=case, dtype=dtype, device="cpu", **measured)
+    result = record_peak_memory(benchmark, op=OP, provider=provider, case=case, dtype=dtype)
     assert result["extra_bytes"] > 0

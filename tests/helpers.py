@@ -34,3 +34,25 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: 
 def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     d = (actual.detach().double() - expected.detach().double()).abs()
     return d.max().item() if d.numel() else 0.0
+
+
+def run_with_grads(
+    fn,
+    inputs: tuple[torch.Tensor, ...],
+    labels: torch.Tensor,
+    temperature: float,
+    g_lp: torch.Tensor | None,
+    g_h: torch.Tensor | None,
+    **kw,
+):
+    """``fn(*inputs, labels, temperature=..., **kw) -> (logp, entropy)``, then backward with the upstream grads
+    (None = that output unused). Returns ``(logp, entropy, *input grads)``."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    lp, ent = fn(*leaves, labels, temperature=temperature, **kw)
+    loss = 0.0
+    if g_lp is not None:
+        loss = loss + (lp * g_lp).sum()
+    if g_h is not None:
+        loss = loss + (ent * g_h).sum()
+    loss.backward()
+    return (lp.detach(), ent.detach(), *(t.grad for t in leaves))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import max_err
+from helpers import max_err, run_with_grads
 
 import spear_kernels as sk
 from spear_kernels import reference
@@ -30,16 +30,7 @@ def make_inputs(rows, dim, vocab, kind="randn", seed=0):
 
 
 def run(fn, hidden, weight, labels, temperature, g_lp, g_h, **kw):
-    h = hidden.detach().clone().requires_grad_(True)
-    w = weight.detach().clone().requires_grad_(True)
-    lp, ent = fn(h, w, labels, temperature=temperature, **kw)
-    loss = 0.0
-    if g_lp is not None:
-        loss = loss + (lp * g_lp).sum()
-    if g_h is not None:
-        loss = loss + (ent * g_h).sum()
-    loss.backward()
-    return lp.detach(), ent.detach(), h.grad, w.grad
+    return run_with_grads(fn, (hidden, weight), labels, temperature, g_lp, g_h, **kw)
 
 
 def truth(h, w, labels, temperature):

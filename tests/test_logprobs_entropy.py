@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_close, max_err
+from helpers import assert_close, max_err, run_with_grads
 
 import spear_kernels as sk
 from spear_kernels import reference
@@ -51,15 +51,7 @@ def make_labels(z: torch.Tensor, seed: int = 1) -> torch.Tensor:
 
 def run(fn, z: torch.Tensor, y: torch.Tensor, temperature: float, g_lp, g_h, **kw):
     """Forward + backward with the given upstream grads (None = that output unused); returns outputs and grad."""
-    z = z.detach().clone().requires_grad_(True)
-    lp, ent = fn(z, y, temperature=temperature, **kw)
-    loss = 0.0
-    if g_lp is not None:
-        loss = loss + (lp * g_lp).sum()
-    if g_h is not None:
-        loss = loss + (ent * g_h).sum()
-    loss.backward()
-    return lp.detach(), ent.detach(), z.grad
+    return run_with_grads(fn, (z,), y, temperature, g_lp, g_h, **kw)
 
 
 def truth(z, y, temperature):
