@@ -57,17 +57,28 @@ def _loss_params(config: Any) -> dict[str, float]:
 
 
 def _make_policy_loss(mode: str):
-    def policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
-                    response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config: Any = None,
-                    rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def policy_loss(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = "token-mean",
+        config: Any = None,
+        rollout_is_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         if config is None:
             raise ValueError(f"spear_{mode} needs the actor config")
-        loss_mat, stats = sk.policy_loss(log_prob, old_log_prob, advantages, response_mask, mode=mode,
-                                         **_loss_params(config))
+        loss_mat, stats = sk.policy_loss(
+            log_prob, old_log_prob, advantages, response_mask, mode=mode, **_loss_params(config)
+        )
         if rollout_is_weights is not None:
             loss_mat = loss_mat * rollout_is_weights
-        loss = core_algos.agg_loss(loss_mat=loss_mat, loss_mask=response_mask, loss_agg_mode=loss_agg_mode,
-                                   **_get(config, "global_batch_info", {}))
+        loss = core_algos.agg_loss(
+            loss_mat=loss_mat,
+            loss_mask=response_mask,
+            loss_agg_mode=loss_agg_mode,
+            **_get(config, "global_batch_info", {}),
+        )
         return loss, {f"actor/{name}": stats[name].item() for name in _METRICS[mode]}
 
     policy_loss.__name__ = f"compute_policy_loss_spear_{mode}"
@@ -80,12 +91,21 @@ for _mode in LOSS_MODES:
         core_algos.register_policy_loss(f"spear_{_mode}")(_make_policy_loss(_mode))
 
 
-def compute_spear_grpo_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: Any,
-                                 epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True, config: Any = None,
-                                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_spear_grpo_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """verl advantage estimator ``spear_grpo``: GRPO / Dr.GRPO advantages ``[B, L]`` (returned twice, as verl's)."""
-    norm = _get(config, "norm_adv_by_std_in_grpo", norm_adv_by_std_in_grpo) if config is not None else (
-        norm_adv_by_std_in_grpo)
+    norm = (
+        _get(config, "norm_adv_by_std_in_grpo", norm_adv_by_std_in_grpo)
+        if config is not None
+        else (norm_adv_by_std_in_grpo)
+    )
     with torch.no_grad():
         adv = sk.group_advantages(token_level_rewards.sum(-1), index, norm_by_std=bool(norm), eps=epsilon)
         adv = adv.to(response_mask.device)[:, None] * response_mask
@@ -103,9 +123,14 @@ _MEGATRON_MODULES = ("verl.models.mcore.model_forward_fused", "verl.models.mcore
 _original: dict[str, Any] = {}
 
 
-def spear_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               temperature: float = 1.0, reduction: str = "none",
-                               dist_process_group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+def spear_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    reduction: str = "none",
+    dist_process_group: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """verl's ``linear_cross_entropy`` contract on spear_kernels: hidden ``[1, T, H]``, weight ``[V, H]``, labels
     ``[1, T]`` -> fp32 ``(logprobs, entropy)`` shaped like labels. A vocabulary split across a tensor-parallel
     group (``dist_process_group``) or a reduction other than ``none`` goes to verl's original kernel."""

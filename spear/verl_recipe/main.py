@@ -1,0 +1,44 @@
+"""``python -m spear.verl_recipe.main [hydra overrides]``: verl's PPO entry point running SPEAR.
+
+Same as ``python -m verl.trainer.main_ppo`` with ``config/spear_trainer.yaml`` and the trainer
+replaced by :class:`spear.verl_recipe.trainer.SpearRayPPOTrainer` inside verl's Ray task runner.
+"""
+
+from __future__ import annotations
+
+import hydra
+import ray
+from verl.trainer.main_ppo_v0 import BaseTaskRunner
+
+
+@ray.remote
+class SpearTaskRunner(BaseTaskRunner):
+    """verl's v0 task runner, constructing SpearRayPPOTrainer where it would construct RayPPOTrainer."""
+
+    def run(self, config):
+        import verl.trainer.main_ppo_v0 as v0
+
+        from .trainer import SpearRayPPOTrainer
+
+        v0.RayPPOTrainer = SpearRayPPOTrainer  # this runs in the Ray actor's own process
+        return v0.TaskRunner.__ray_actor_class__.run(self, config)
+
+
+@hydra.main(config_path="config", config_name="spear_trainer", version_base=None)
+def main(config):
+    from omegaconf import OmegaConf
+    from verl.trainer.main_ppo import run_ppo
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    from ..config import load_config
+
+    load_config(OmegaConf.to_container(config.spear, resolve=True))  # fail fast on a bad SPEAR key
+    if config.trainer.use_v1:
+        raise ValueError("the SPEAR recipe extends verl's v0 RayPPOTrainer: set trainer.use_v1=false")
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    run_ppo(config, task_runner_class=SpearTaskRunner)
+
+
+if __name__ == "__main__":
+    main()
