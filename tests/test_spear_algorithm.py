@@ -10,12 +10,11 @@ import torch
 from helpers import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from verl.trainer.ppo import core_algos  # verl 0.9.1 is a dev dependency: the reference we match
 
 from spear import advantages, filters, losses, rewards, schedules
 from spear.config import load_config
 from spear.replay import TrajectoryReplayBuffer
-
-core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is a dev dependency")
 
 # ---- schedules -----------------------------------------------------------------------------------
 

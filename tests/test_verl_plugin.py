@@ -11,10 +11,10 @@ import pytest
 import torch
 from helpers import assert_close
 from omegaconf import OmegaConf
+from verl.trainer.ppo import core_algos
 
-core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is a dev dependency")
-from spear import verl_plugin  # noqa: E402  (after the importorskip)
-from spear_kernels import reference  # noqa: E402
+from spear import verl_plugin
+from spear_kernels import reference
 
 
 def actor_config(**policy):
@@ -116,7 +116,8 @@ def test_spear_grpo_through_verls_registry(norm):
 
 
 def test_patch_fused_kernels_routes_verls_hook():
-    kernel = pytest.importorskip("verl.utils.kernel.linear_cross_entropy")
+    import verl.utils.kernel.linear_cross_entropy as kernel
+
     original = kernel.linear_cross_entropy
     try:
         patched = verl_plugin.patch_fused_kernels()

@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_close
+from verl import DataProto
+from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 
-pytest.importorskip("verl.trainer.main_ppo_v0", reason="verl (with its trainer's server dependencies) is needed")
-from verl import DataProto  # noqa: E402
-from verl.trainer.ppo.ray_trainer import RayPPOTrainer  # noqa: E402
-
-from spear.advantages import grpo_advantages  # noqa: E402
-from spear.config import load_config  # noqa: E402
-from spear.replay import TrajectoryReplayBuffer  # noqa: E402
-from spear.verl_recipe import hooks  # noqa: E402
-from spear.verl_recipe.trainer import REPLAY_STATE_FILE, SpearRayPPOTrainer  # noqa: E402
+from spear.advantages import grpo_advantages
+from spear.config import load_config
+from spear.replay import TrajectoryReplayBuffer
+from spear.verl_recipe import hooks
+from spear.verl_recipe.trainer import REPLAY_STATE_FILE, SpearRayPPOTrainer
 
 L = 30
 
