@@ -181,7 +181,8 @@ def machine_line(machine: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
-    parser.add_argument("json", nargs="?", type=Path, default=Path("bench/results/latest.json"))
+    parser.add_argument("json", nargs="*", type=Path, default=[Path("bench/results/latest.json")],
+                        help="pytest-benchmark JSON file(s); rows of several runs are merged")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--no-aot", action="store_true", help="skip the Triton AOT resource table")
     args = parser.parse_args(argv)
