@@ -181,20 +181,29 @@ def machine_line(machine: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
-    parser.add_argument("json", nargs="*", type=Path, default=[Path("bench/results/latest.json")],
-                        help="pytest-benchmark JSON file(s); rows of several runs are merged")
+    parser.add_argument(
+        "json",
+        nargs="*",
+        type=Path,
+        default=[Path("bench/results/latest.json")],
+        help="pytest-benchmark JSON file(s); rows of several runs are merged",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--no-aot", action="store_true", help="skip the Triton AOT resource table")
     args = parser.parse_args(argv)
-    if not args.json.exists():
-        print(
-            f"bench.report: {args.json} does not exist; run `make bench` (or pytest bench --benchmark-json=...)",
-            file=sys.stderr,
-        )
-        return 2
-    rows, machine = load_rows(args.json)
+    rows, machine = [], {}
+    for path in args.json:
+        if not path.exists():
+            print(
+                f"bench.report: {path} does not exist; run `make bench` (or pytest bench --benchmark-json=...)",
+                file=sys.stderr,
+            )
+            return 2
+        more, info = load_rows(path)
+        rows += more
+        machine = machine or info
     if not rows:
-        print(f"bench.report: no spear benchmark rows in {args.json}", file=sys.stderr)
+        print(f"bench.report: no spear benchmark rows in {', '.join(map(str, args.json))}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     lines = ["## Benchmarks", "", machine_line(machine), ""]
