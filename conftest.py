@@ -1,6 +1,7 @@
 """pytest options for the benchmark suites (root conftest, so they apply however pytest is invoked).
 
-pytest bench                      # full shapes, timings into pytest-benchmark
+pytest bench                      # the default shapes (the ones the README's table reports)
+pytest bench --all-shapes         # also the larger model configs (Qwen2.5-7B, Llama-3-8B vocabularies)
 pytest bench --quick              # tiny shapes: a smoke run of every suite (CI)
 pytest bench --benchmark-json=bench/results/latest.json && python -m bench.report
 """
@@ -12,17 +13,18 @@ import pytest
 
 def pytest_addoption(parser):
     parser.addoption("--quick", action="store_true", help="tiny shapes: check that every suite still runs")
+    parser.addoption("--all-shapes", action="store_true", help="add the larger model configs to the default shapes")
 
 
-@pytest.fixture(scope="session")
-def shape_set(request) -> str:
-    return "quick" if request.config.getoption("--quick") else "full"
+def _shape_set(config) -> list[str]:
+    if config.getoption("--quick"):
+        return ["quick"]
+    return ["full", "extended"] if config.getoption("--all-shapes") else ["full"]
 
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         if not hasattr(metafunc.module, "CASES"):
             raise pytest.UsageError(f"{metafunc.module.__name__} uses `case` but defines no CASES shape set")
-        quick = metafunc.config.getoption("--quick")
-        cases = metafunc.module.CASES["quick" if quick else "full"]
+        cases = [c for name in _shape_set(metafunc.config) for c in metafunc.module.CASES.get(name, [])]
         metafunc.parametrize("case", cases, ids=[c.id for c in cases])

@@ -34,11 +34,13 @@ class Case:
 
 LINEAR_LOGPROBS_ENTROPY = {
     "full": [Case("qwen2.5-0.5b", 512)],
+    "extended": [Case("qwen2.5-7b", 256), Case("llama-3-8b", 256)],
     "quick": [Case("tiny", 64)],
 }
 
 LOGPROBS_ENTROPY = {
     "full": [Case("llama-2-7b", 2048), Case("qwen2.5-0.5b", 2048)],
+    "extended": [Case("qwen2.5-7b", 2048), Case("llama-3-8b", 2048)],
     "quick": [Case("tiny", 64)],
 }
 
