@@ -24,7 +24,12 @@ def _verl_eager(logits: torch.Tensor, labels: torch.Tensor):
 
 @cache
 def _verl_compiled_fn():
-    return torch.compile(_verl_eager, dynamic=False)
+    # verl's formulas under torch.compile: log_softmax + gather (verl's logprobs_from_logits_naive) and
+    # entropy_from_logits. verl's default CPU path (logprobs_from_logits_v2, the "verl" provider) loops over
+    # rows in Python, which torch.compile would unroll into one graph node per token.
+    from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits_naive
+
+    return torch.compile(lambda z, y: (logprobs_from_logits_naive(z, y), entropy_from_logits(z)), dynamic=False)
 
 
 def _verl_compiled(logits, labels):
