@@ -59,7 +59,16 @@ class RolloutCase:
 
 
 GROUP_ADVANTAGES = {
-    "full": [RolloutCase(1024, 8, 512), RolloutCase(16384, 8, 512), RolloutCase(16384, 16, 512)],
+    # length 1: the op itself (one score per response -> its advantage), every provider doing the same work;
+    # length 512: verl's whole estimator contract, token rewards [B, L] -> advantages [B, L], where summing the
+    # rewards and broadcasting over the mask (the same for every provider) dominate.
+    "full": [
+        RolloutCase(1024, 8, 1),
+        RolloutCase(1024, 16, 1),
+        RolloutCase(16384, 8, 1),
+        RolloutCase(16384, 16, 1),
+        RolloutCase(16384, 16, 512),
+    ],
     "quick": [RolloutCase(64, 8, 16)],
 }
 
