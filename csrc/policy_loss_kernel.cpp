@@ -145,7 +145,14 @@ void for_chunks(int64_t n, PerChunk&& fn) {
   at::parallel_for(0, nvec, 2048, [&](int64_t begin, int64_t end) { fn(begin * W, std::min(end * W, n)); });
 }
 
-// Flat indices of the clip_cov candidates, in increasing order.
+inline bool any_lane(const Vec& mask) {
+  // A comparison sets every bit of a lane, so (mask & 1.0) is 1.0 in set lanes and 0 elsewhere.
+  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); },
+                                        mask & Vec(1.f)) != 0.f;
+}
+
+// Flat indices of the clip_cov candidates, in increasing order. Candidates are rare (a covariance window
+// and no PPO clipping), so lanes are only inspected one by one when a vector holds one.
 std::vector<int64_t> clip_cov_candidates(const PolicyLossParams& p, float mean_adv, float mean_logp) {
   constexpr int64_t W = Vec::size();
   std::vector<std::vector<int64_t>> per_thread(at::get_num_threads());
@@ -156,6 +163,7 @@ std::vector<int64_t> clip_cov_candidates(const PolicyLossParams& p, float mean_a
       const TokenMath t = token_math(p, i, count, nullptr);
       const Vec cov = (t.adv - Vec(mean_adv)) * (t.logp - Vec(mean_logp));
       const Vec cand = (t.m > Vec(0.f)) & (t.pg2 <= t.pg1) & (cov > Vec(p.clip_cov_lb)) & (cov < Vec(p.clip_cov_ub));
+      if (!any_lane(cand)) continue;
       alignas(64) float flags[W];
       cand.store(flags);
       for (int64_t l = 0; l < count; ++l) {
@@ -169,25 +177,30 @@ std::vector<int64_t> clip_cov_candidates(const PolicyLossParams& p, float mean_a
   return all;
 }
 
-// The k valid tokens with the largest covariance (ties: lower index first).
+// The k valid tokens with the largest covariance (ties: lower index first). Each thread keeps a k-heap and
+// skips, a vector at a time, every token that cannot enter it (k is ~2e-4 of the tokens, so nearly all).
 std::vector<int64_t> kl_cov_top_k(const PolicyLossParams& p, int64_t k, float mean_adv, float mean_logp) {
   constexpr int64_t W = Vec::size();
   using Entry = std::pair<float, int64_t>;  // (cov, -index): larger is better
-  auto better = [](const Entry& a, const Entry& b) { return a.first > b.first || (a.first == b.first && a.second > b.second); };
+  auto better = [](const Entry& a, const Entry& b) {
+    return a.first > b.first || (a.first == b.first && a.second > b.second);
+  };
   std::vector<std::vector<Entry>> heaps(at::get_num_threads());
   for_chunks(p.n, [&](int64_t begin, int64_t end) {
     auto& heap = heaps[at::get_thread_num()];  // min-heap under `better`: front is the worst kept
     for (int64_t i = begin; i < end; i += W) {
       const int64_t count = std::min(W, end - i);
-      const Vec logp = Vec::loadu(p.log_prob + i, count);
-      const Vec adv = Vec::loadu(p.advantages + i, count);
-      const Vec m = Vec::loadu(p.mask + i, count);
-      alignas(64) float cov[W], valid[W];
-      ((adv - Vec(mean_adv)) * (logp - Vec(mean_logp))).store(cov);
-      (m > Vec(0.f)).store(valid);
+      const Vec cov = (Vec::loadu(p.advantages + i, count) - Vec(mean_adv)) *
+                      (Vec::loadu(p.log_prob + i, count) - Vec(mean_logp));
+      Vec eligible = Vec::loadu(p.mask + i, count) > Vec(0.f);
+      if (static_cast<int64_t>(heap.size()) == k) eligible = eligible & (cov >= Vec(heap.front().first));
+      if (!any_lane(eligible)) continue;
+      alignas(64) float covs[W], flags[W];
+      cov.store(covs);
+      eligible.store(flags);
       for (int64_t l = 0; l < count; ++l) {
-        if (valid[l] == 0.f) continue;
-        const Entry e{cov[l], -(i + l)};
+        if (flags[l] == 0.f) continue;
+        const Entry e{covs[l], -(i + l)};
         if (static_cast<int64_t>(heap.size()) < k) {
           heap.push_back(e);
           std::push_heap(heap.begin(), heap.end(), better);
