@@ -261,6 +261,12 @@ void group_advantages_cpu(const at::Tensor& scores, const at::Tensor& inverse, i
 constexpr int64_t kTokenChunk = 1024;
 constexpr int64_t kVocabChunk = 8192;  // [1024 x 896] @ [896 x 8192] GEMMs run within ~15% of one big GEMM here
 
+// Low-precision inputs also hold an fp32 grad_weight chunk and the GEMMs' low-precision partial products:
+// half the vocabulary chunk keeps that memory near the fp32 path's.
+int64_t vocab_chunk(const at::Tensor& hidden, int64_t vocab) {
+  return std::min(vocab, hidden.scalar_type() == at::kFloat ? kVocabChunk : kVocabChunk / 2);
+}
+
 void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels) {
   TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && labels.device().is_cpu(),
               "spear_kernels._C: CPU tensors only");
@@ -286,7 +292,7 @@ void linear_logprobs_entropy_fwd_cpu(const at::Tensor& hidden, const at::Tensor&
   check_out(ent, {n}, at::kFloat, "entropy");
   check_out(stats, {n, 2}, at::kFloat, "stats");
   if (n == 0) return;
-  const int64_t tc = std::min(n, kTokenChunk), vc = std::min(vocab, kVocabChunk);
+  const int64_t tc = std::min(n, kTokenChunk), vc = vocab_chunk(hidden, vocab);
   at::Tensor workspace = at::empty({tc * vc}, hidden.options());
   std::vector<SoftmaxRowState> states(n);
   std::vector<float> label_logit(n, 0.f);
@@ -320,7 +326,7 @@ void linear_logprobs_entropy_bwd_cpu(const at::Tensor& hidden, const at::Tensor&
   grad_weight.zero_();
   if (n == 0 || vocab == 0) return;
   const bool fp32 = hidden.scalar_type() == at::kFloat;
-  const int64_t tc = std::min(n, kTokenChunk), vc = std::min(vocab, kVocabChunk);
+  const int64_t tc = std::min(n, kTokenChunk), vc = vocab_chunk(hidden, vocab);
   at::Tensor workspace = at::empty({tc * vc}, hidden.options());
   // fp32 inputs accumulate straight into the outputs; others into fp32 buffers, rounded once at the end.
   at::Tensor gh_acc = fp32 ? grad_hidden : at::zeros({n, dim}, hidden.options().dtype(at::kFloat));
