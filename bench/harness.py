@@ -59,10 +59,6 @@ def tag(benchmark, *, op: str, provider: str, mode: str, case, dtype: torch.dtyp
     )
 
 
-def grads_of(loss: torch.Tensor, inputs) -> tuple[torch.Tensor, ...]:
-    return torch.autograd.grad(loss, inputs)
-
-
 def loss_of(outputs) -> torch.Tensor:
     """The scalar both outputs feed, so every gradient path runs: sum(logp) + sum(entropy)."""
     logp, ent = outputs

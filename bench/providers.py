@@ -54,8 +54,6 @@ LOGPROBS_ENTROPY: dict[str, Callable] = {
     "flash-attn": _flash_attn,
 }
 
-OURS = {"cpp", "triton"}
-
 
 # --- fused lm_head: (hidden [T, H], weight [V, H], labels [T]) -> (logp, entropy)
 
