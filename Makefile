@@ -7,24 +7,30 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.spear-installed
 BENCH_JSON ?= bench/results/latest.json
+# The main job: the SPEAR trainer on the built-in tiny model and math tool environment.
+RUN_PRESET ?= tiny_math_spear
+RUN_DIR ?= runs/$(RUN_PRESET)
 
-.PHONY: setup run bench bench-quick report test lint aot clean
+.PHONY: setup setup-train run bench bench-quick report test lint aot clean
 
-setup: $(STAMP)
+# One venv; a stamp per extras set (`train` for the main job, `dev` for the tests, benchmarks and verl).
+setup: $(VENV)/.spear-dev
+setup-train: $(VENV)/.spear-train
 
-$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h)
+$(VENV)/.spear-%: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet '$(TORCH_SPEC)' $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) \
 		setuptools wheel cmake ninja pybind11
-	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[$*]'
 	@touch $@
 
-# The main job: every benchmark suite against its peers and the limit, then the report.
-run: bench
+# The main job: cold-start SFT of the tiny model, then SPEAR RL with evaluations, then the plot.
+run: setup-train
+	$(BIN)/spear train --preset $(RUN_PRESET) trainer.default_local_dir=$(RUN_DIR)
 
+# Every benchmark suite against its peers and the limit, then the report.
 bench: setup
 	$(BIN)/python -m pytest bench -q -p no:cacheprovider --benchmark-json=$(BENCH_JSON)
 	$(BIN)/python -m bench.report $(BENCH_JSON)
@@ -45,4 +51,4 @@ aot: setup
 	env -u TRITON_INTERPRET $(BIN)/python -m spear_kernels.aot
 
 clean:
-	rm -rf build *.egg-info spear_kernels/_C*.so bench/results
+	rm -rf build *.egg-info spear_kernels/_C*.so bench/results runs

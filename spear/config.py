@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List, Optional  # noqa: UP035 (OmegaConf needs typing generics)
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -28,6 +28,8 @@ LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-tok
 KL_LOSS_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 TOOLCALL_REWARD_MODES = ("none", "constant", "cosine")
 ADV_ESTIMATORS = ("grpo", "gigpo")
+ENV_NAMES = ("math", "textworld")
+LOGGERS = ("console", "tensorboard", "wandb")
 
 
 class ConfigError(ValueError):
@@ -103,12 +105,23 @@ class RolloutConfig:
     top_p: float = 1.0
     response_length: int = 512
     max_turns: int = 8
+    # slim trainer (``spear train``)
+    max_turn_tokens: int = 64  # token budget of one assistant turn
+    val_temperature: float = 0.0  # 0 = greedy evaluation
+
+
+@dataclass
+class ModelConfig:
+    """``actor_rollout_ref.model``: a local Hugging Face causal LM directory; null = the built-in tiny model."""
+
+    path: Optional[str] = None
 
 
 @dataclass
 class ActorRolloutRefConfig:
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
 
 @dataclass
@@ -130,9 +143,58 @@ class AlgorithmConfig:
 
 
 @dataclass
+class DataConfig:
+    """``data``: the rollout batch of the slim trainer."""
+
+    train_batch_size: int = 8  # tasks per step; each is rolled out ``rollout.n`` times (one group)
+    max_prompt_length: int = 64
+
+
+@dataclass
+class EnvConfig:
+    """``env``: the environment of the slim trainer (``spear.envs``)."""
+
+    name: str = "math"
+    num_train_tasks: int = 0  # 0: a new task seed every time; k > 0: training cycles through seeds [0, k)
+    num_eval_tasks: int = 64
+    eval_seed: int = 1_000_000  # evaluation uses seeds [eval_seed, eval_seed + num_eval_tasks)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the environment's constructor
+
+
+@dataclass
+class SftConfig:
+    """``sft``: the cold-start supervised fine-tuning on expert trajectories (``spear sft``)."""
+
+    num_examples: int = 2000
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """``trainer``: the slim single-process trainer (``spear train``)."""
+
+    total_training_steps: int = 100
+    save_freq: int = 20  # checkpoint every N steps (and at the end); 0: only at the end
+    test_freq: int = 10  # evaluate every N steps (and at the end); 0: only at the end
+    val_before_train: bool = True
+    cold_start_sft: bool = False  # run the ``sft`` section on the initial model first (saved in <run dir>/sft)
+    default_local_dir: str = "runs/spear"
+    seed: int = 0
+    logger: List[str] = field(default_factory=lambda: ["console", "tensorboard"])
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+
+@dataclass
 class SpearConfig:
     actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -221,6 +283,33 @@ def validate(cfg: SpearConfig) -> SpearConfig:
     _check_range(q + "response_length", r.response_length, 1)
     _check_range(q + "max_turns", r.max_turns, 1)
     _check_choice("algorithm.use_toolcall_reward", alg.use_toolcall_reward, TOOLCALL_REWARD_MODES)
+    _check_range(q + "max_turn_tokens", r.max_turn_tokens, 1)
+    _check_range(q + "val_temperature", r.val_temperature, 0)
+    path = cfg.actor_rollout_ref.model.path
+    if path is not None and (not isinstance(path, str) or not path.strip()):
+        raise ConfigError(f"actor_rollout_ref.model.path = {path!r} is not allowed; expected a directory or null")
+    _check_range("data.train_batch_size", cfg.data.train_batch_size, 1)
+    _check_range("data.max_prompt_length", cfg.data.max_prompt_length, 1)
+    _check_choice("env.name", cfg.env.name, ENV_NAMES)
+    _check_range("env.num_train_tasks", cfg.env.num_train_tasks, 0)
+    _check_range("env.num_eval_tasks", cfg.env.num_eval_tasks, 1)
+    _check_range("env.eval_seed", cfg.env.eval_seed, 0)
+    if not isinstance(cfg.env.kwargs, dict):
+        raise ConfigError(f"env.kwargs = {cfg.env.kwargs!r} is not allowed; expected a mapping")
+    for key in ("num_examples", "steps", "batch_size"):
+        _check_range(f"sft.{key}", getattr(cfg.sft, key), 1)
+    _check_range("sft.lr", cfg.sft.lr, 0, lo_open=True)
+    _check_range("sft.weight_decay", cfg.sft.weight_decay, 0)
+    t = cfg.trainer
+    _check_range("trainer.total_training_steps", t.total_training_steps, 1)
+    _check_range("trainer.save_freq", t.save_freq, 0)
+    _check_range("trainer.test_freq", t.test_freq, 0)
+    _check_range("trainer.seed", t.seed, 0)
+    _check_range("trainer.num_threads", t.num_threads, 0)
+    if not isinstance(t.default_local_dir, str) or not t.default_local_dir.strip():
+        raise ConfigError(f"trainer.default_local_dir = {t.default_local_dir!r} is not allowed; expected a path")
+    for name in t.logger:
+        _check_choice("trainer.logger", name, LOGGERS)
     _check_range("algorithm.max_toolcall_steps", alg.max_toolcall_steps, 1)
     _check_choice("algorithm.toolcall_reward_variant", alg.toolcall_reward_variant, ("per_turn", "any"))
     _check_choice("algorithm.adv_estimator", alg.adv_estimator, ADV_ESTIMATORS)
@@ -235,6 +324,21 @@ def validate(cfg: SpearConfig) -> SpearConfig:
 
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _preset_chain(preset: str) -> list[str]:
+    """The preset and the presets it extends (a top-level ``base: <preset>`` key), most basic first."""
+    chain: list[str] = []
+    name: str | None = preset
+    while name is not None:
+        path = PRESET_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
+        if name in chain:
+            raise ConfigError(f"preset {preset!r}: 'base' keys form a cycle through {name!r}")
+        chain.append(name)
+        name = OmegaConf.load(path).get("base", None)
+    return chain[::-1]
 
 
 def _as_node(source: Any, what: str) -> DictConfig:
@@ -275,10 +379,10 @@ def load_config(source: Any = None, *, preset: str | None = None, overrides: Ite
     """
     cfg = OmegaConf.structured(SpearConfig)
     if preset is not None:
-        path = PRESET_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(available_presets())}")
-        cfg = _merge(cfg, _as_node(path, f"preset {preset}"), f"preset {preset}")
+        for name in _preset_chain(preset):
+            node = _as_node(PRESET_DIR / f"{name}.yaml", f"preset {name}")
+            node.pop("base", None)
+            cfg = _merge(cfg, node, f"preset {name}")
     if source is not None:
         cfg = _merge(cfg, _as_node(source, "config"), "config")
     overrides = list(overrides)

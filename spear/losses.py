@@ -156,11 +156,11 @@ def actor_loss(
         global_batch_info=global_batch_info,
     )
     suffix = "_replay" if replay else ""
-    metrics[f"pg_loss{suffix}"] = float(loss)
+    metrics[f"pg_loss{suffix}"] = float(loss.detach())
     info = global_batch_info or {}
     if entropy is not None:
         ent = agg_loss(entropy, response_mask, actor.loss_agg_mode, **info)
-        metrics[f"entropy{suffix}"] = float(ent)
+        metrics[f"entropy{suffix}"] = float(ent.detach())
         if actor.entropy_coeff != 0:
             loss = loss - actor.entropy_coeff * ent
     if actor.use_kl_loss:
@@ -169,6 +169,6 @@ def actor_loss(
         kl = agg_loss(
             kl_penalty(log_prob, ref_log_prob, actor.kl_loss_type), response_mask, actor.loss_agg_mode, **info
         )
-        metrics[f"kl_loss{suffix}"] = float(kl)
+        metrics[f"kl_loss{suffix}"] = float(kl.detach())
         loss = loss + actor.kl_loss_coef * kl
     return loss, metrics

@@ -198,6 +198,11 @@ BAD_VALUES = {
     "actor_rollout_ref.rollout.rollout_filter_ratio": 0.0,
     "actor_rollout_ref.rollout.top_p": 1.5,
     "algorithm.gamma": 1.5,
+    "actor_rollout_ref.model.path": "''",
+    "env.name": "chess",
+    "env.kwargs": 5,
+    "trainer.default_local_dir": "''",
+    "trainer.logger": "[slack]",
 }
 
 
@@ -247,7 +252,7 @@ def test_precedence_defaults_preset_source_overrides():
 
 
 def test_presets_reproduce_the_reference_settings():
-    assert len(available_presets()) == 15
+    assert len([p for p in available_presets() if not p.startswith("tiny_")]) == 15
     for name in available_presets():
         load_config(preset=name)
     a = load_config(preset="alfworld_grpo_spear")
@@ -293,3 +298,14 @@ def test_docs_page_lists_every_key():
     page = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
     for key, _ in iter_keys():
         assert f"`{key}`" in page, key
+
+
+def test_tiny_presets_extend_their_base():
+    base = load_config(preset="tiny_math")
+    for method in ("grpo", "drbot", "spear"):
+        cfg = load_config(preset=f"tiny_math_{method}")
+        assert cfg.env == base.env and cfg.sft == base.sft and cfg.data == base.data
+        assert cfg.trainer.default_local_dir == f"runs/tiny_math_{method}"
+    assert load_config(preset="tiny_math_spear").actor_rollout_ref.actor.enable_trajectory_replay
+    assert not load_config(preset="tiny_math_drbot").actor_rollout_ref.actor.enable_trajectory_replay
+    assert load_config(preset="tiny_math_grpo").algorithm.norm_adv_by_std_in_grpo

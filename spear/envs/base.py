@@ -1,0 +1,50 @@
+"""The multi-turn text-environment protocol.
+
+An environment is one episode at a time: ``reset(seed)`` starts a task and returns the first observation
+(the prompt text), ``step(action_text)`` takes the model's text for one assistant turn and returns a
+:class:`StepResult`. Environments also give an expert (``expert_turns``) for the cold-start SFT, and the
+stop strings that end an assistant turn (the closing tags of their actions).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass
+class StepResult:
+    """What ``step`` returns.
+
+    ``observation`` is the environment's reply, appended to the transcript (``""`` when the episode ended).
+    ``info`` holds at least ``won`` (bool), ``tool_call`` (this turn made a tool call or a valid environment
+    action), ``valid`` (the turn was well formed) and, when done, ``complete`` (False for Dr.BoT's incomplete
+    filter: the math episode ended without an answer; the TextWorld episode's last turn held no valid action).
+    """
+
+    observation: str
+    reward: float
+    done: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class TextEnv(Protocol):
+    name: str
+    stop_strings: tuple[str, ...]
+    fail_reward: float  # the reward of an episode cut by the trainer's token budget
+
+    def reset(self, seed: int) -> str: ...
+
+    def step(self, action_text: str) -> StepResult: ...
+
+    def expert_turns(self) -> list[str]:
+        """The expert's assistant turns for the current episode (call right after ``reset``)."""
+        ...
+
+
+def extract_tag(text: str, tag: str) -> str | None:
+    """The content of the first ``<tag>...</tag>`` in ``text`` (stripped), or None."""
+    m = re.search(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL)
+    return None if m is None else m.group(1).strip()

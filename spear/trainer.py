@@ -1,0 +1,638 @@
+"""The slim single-process SPEAR trainer: rollouts, rewards, Dr.BoT filters, advantages, PPO-style updates,
+self-imitation replay, checkpoints and evaluation, on one machine with no Ray and no GPU.
+
+One step (SPEAR-SPEC section 1):
+
+1. ``data.train_batch_size`` tasks, each rolled out ``rollout.n`` times (one ``uid`` per group);
+2. outcome reward + the intrinsic tool-call reward at the last assistant token;
+3. Dr.BoT response filters (loss mask) and the rollout std filter (drops groups);
+4. old log-probs with the current policy (and reference log-probs when ``use_kl_loss``);
+5. GRPO / Dr.GRPO or GiGPO advantages;
+6. the on-policy update over mini- and micro-batches (AdamW, gradient clipping);
+7. the self-imitation update when the replay buffer triggers (stored old log-probs, ``w_sil(t)``);
+8. the buffer admits this step's good trajectories.
+
+Log-probs and entropies come from ``spear_kernels.linear_logprobs_entropy`` (see :func:`spear.rollout.response_logprobs`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import spear_kernels as sk
+
+from .advantages import gigpo_advantages
+from .config import SpearConfig, to_dict
+from .envs import make_env
+from .filters import apply_response_filters, overlong, repetitive, rollout_std_filter, unreadable
+from .losses import actor_loss
+from .models import default_model_path, expert_transcripts, load_policy
+from .replay import TrajectoryReplayBuffer
+from .rewards import add_to_last_token, toolcall_bonus
+from .rollout import Episode, collate, response_logprobs, rollout
+from .schedules import replay_loss_weight, toolcall_reward_factor
+
+STATE_FILE = "trainer_state.pt"
+CHECKPOINT_VERSION = 1
+REPLAY_KEYS = ("prompts", "prompt_mask", "responses", "response_attn", "response_mask", "old_log_probs")
+TIMING_PREFIXES = ("time/", "perf/")  # wall-clock metrics: the only ones that differ between identical runs
+
+
+# ---- environments and evaluation ----------------------------------------------------------------
+
+
+def env_kwargs(cfg: SpearConfig) -> dict:
+    return {"max_turns": cfg.actor_rollout_ref.rollout.max_turns, **dict(cfg.env.kwargs)}
+
+
+def make_envs(cfg: SpearConfig, count: int) -> list:
+    try:
+        return [make_env(cfg.env.name, **env_kwargs(cfg)) for _ in range(count)]
+    except TypeError as err:
+        raise ValueError(f"env.kwargs {dict(cfg.env.kwargs)} do not fit environment {cfg.env.name!r}: {err}") from None
+
+
+def run_rollout(model, tokenizer, cfg: SpearConfig, envs, seeds, uids=None, *, temperature, top_p, generator):
+    r = cfg.actor_rollout_ref.rollout
+    return rollout(
+        model,
+        tokenizer,
+        envs[: len(seeds)],
+        seeds,
+        uids,
+        max_turns=r.max_turns,
+        max_turn_tokens=r.max_turn_tokens,
+        response_length=r.response_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        temperature=temperature,
+        top_p=top_p,
+        generator=generator,
+        fail_reward=envs[0].fail_reward,
+    )
+
+
+def summarize(episodes: Sequence[Episode], prefix: str) -> dict[str, float]:
+    n = max(len(episodes), 1)
+    return {
+        f"{prefix}/success": sum(ep.won for ep in episodes) / n,
+        f"{prefix}/reward": sum(ep.reward for ep in episodes) / n,
+        f"{prefix}/tool_turns": sum(ep.tool_turns for ep in episodes) / n,
+        f"{prefix}/turns": sum(len(ep.turn_spans) for ep in episodes) / n,
+        f"{prefix}/response_tokens": sum(sum(ep.response_mask) for ep in episodes) / n,
+    }
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, cfg: SpearConfig, envs=None, *, batch_size: int = 64) -> dict[str, float]:
+    """Success rate and friends on the held-out seeds ``[env.eval_seed, env.eval_seed + env.num_eval_tasks)``,
+    decoding at ``rollout.val_temperature`` (0: greedy) with a fixed sampler seed."""
+    seeds = list(range(cfg.env.eval_seed, cfg.env.eval_seed + cfg.env.num_eval_tasks))
+    envs = envs if envs is not None else make_envs(cfg, min(batch_size, len(seeds)))
+    generator = torch.Generator().manual_seed(cfg.trainer.seed + 7919)
+    episodes: list[Episode] = []
+    for start in range(0, len(seeds), len(envs)):
+        chunk = seeds[start : start + len(envs)]
+        episodes += run_rollout(
+            model, tokenizer, cfg, envs, chunk, temperature=cfg.actor_rollout_ref.rollout.val_temperature,
+            top_p=1.0, generator=generator,
+        )
+    return summarize(episodes, "val")
+
+
+# ---- cold-start SFT -----------------------------------------------------------------------------
+
+
+def expert_episodes(cfg: SpearConfig, tokenizer, count: int) -> list[Episode]:
+    """Expert trajectories on training seeds, tokenised piece by piece like rollouts (assistant turns masked in)."""
+    k = cfg.env.num_train_tasks
+    seeds = [i % k for i in range(count)] if k else list(range(count))
+    unique = sorted(set(seeds))
+    by_seed = dict(zip(unique, expert_transcripts(cfg.env.name, unique, env_kwargs(cfg)), strict=True))
+    episodes = []
+    for seed in seeds:
+        pieces = by_seed[seed]
+        ep = Episode(seed=seed, uid=seed, prompt_ids=tokenizer.encode(pieces[0][0], add_special_tokens=False))
+        for text, is_assistant in pieces[1:]:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            ep.response_ids += ids
+            ep.response_mask += [int(is_assistant)] * len(ids)
+        if len(ep.prompt_ids) > cfg.data.max_prompt_length or len(ep.response_ids) > cfg.actor_rollout_ref.rollout.response_length:
+            raise ValueError(
+                f"expert episode of seed {seed} does not fit data.max_prompt_length / rollout.response_length "
+                f"({len(ep.prompt_ids)} / {len(ep.response_ids)} tokens)"
+            )
+        episodes.append(ep)
+    return episodes
+
+
+def run_sft(
+    cfg: SpearConfig, output_dir: str | Path, *, model_path: str | Path | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Cold-start SFT: next-token cross-entropy on the expert's assistant tokens; saves the model to ``output_dir``.
+
+    Returns ``{"loss_first", "loss_last", "steps", "output"}`` and writes them to ``output_dir/spear_sft.json``.
+    """
+    from tqdm.auto import tqdm
+
+    s = cfg.sft
+    _set_threads(cfg)
+    path = model_path or cfg.actor_rollout_ref.model.path or default_model_path(cfg.env.name)
+    model, tokenizer = load_policy(path)
+    model.train()
+    episodes = expert_episodes(cfg, tokenizer, s.num_examples)
+    r = cfg.actor_rollout_ref.rollout
+    data = collate(episodes, pad_id=tokenizer.pad_token_id, max_prompt_length=cfg.data.max_prompt_length,
+                   response_length=r.response_length)
+    generator = torch.Generator().manual_seed(cfg.trainer.seed)
+    torch.manual_seed(cfg.trainer.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    warmup = max(1, s.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, s.steps) / s.steps))
+    )
+    losses = []
+    order = torch.randperm(len(episodes), generator=generator)
+    cursor = 0
+    bar = tqdm(range(s.steps), desc="sft", disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        if cursor + s.batch_size > len(order):
+            order, cursor = torch.randperm(len(episodes), generator=generator), 0
+        idx = order[cursor : cursor + s.batch_size]
+        cursor += s.batch_size
+        batch = {k: v[idx] for k, v in data.items()}
+        logp, _ = response_logprobs(model, batch, temperature=1.0, return_entropy=False)
+        mask = batch["response_mask"]
+        loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.actor_rollout_ref.actor.optim.grad_clip)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    out = Path(output_dir)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    summary = {"loss_first": losses[0], "loss_last": losses[-1], "steps": s.steps, "examples": len(episodes),
+               "base_model": str(path), "output": str(out)}
+    (tmp / "spear_sft.json").write_text(json.dumps(summary, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return summary
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+
+class MetricsLogger:
+    """``metrics.jsonl`` (always), tensorboard (``tensorboard`` in ``trainer.logger``) and wandb (``wandb``)."""
+
+    def __init__(self, run_dir: Path, loggers: Iterable[str], config: dict, resume_step: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # drop the records of steps after the checkpoint: they are about to be recomputed
+            kept = [line for line in self.path.read_text().splitlines() if line.strip()
+                    and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self.console = "console" in loggers
+        self.tb = None
+        if "tensorboard" in loggers:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("spear: tensorboard is not installed; logging to metrics.jsonl only", file=sys.stderr)
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step and resume_step + 1)
+        self.wandb = None
+        if "wandb" in loggers:
+            try:
+                import wandb
+            except ImportError as err:
+                raise ImportError("trainer.logger has 'wandb' but wandb is not installed: pip install wandb") from err
+            self.wandb = wandb.init(project="spear", dir=str(run_dir), config=config, resume="allow")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, float(v), step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a spear run directory")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _set_threads(cfg: SpearConfig) -> None:
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+
+
+def _mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
+    sums: dict[str, list[float]] = defaultdict(list)
+    for item in items:
+        for k, v in item.items():
+            sums[k].append(v)
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+# ---- the trainer --------------------------------------------------------------------------------
+
+
+class Trainer:
+    """The SPEAR loop on one process. ``fit()`` runs ``trainer.total_training_steps`` steps.
+
+    Args:
+        cfg: a validated :class:`~spear.config.SpearConfig`.
+        resume: continue from the latest checkpoint in ``trainer.default_local_dir`` (an error if there is none).
+        progress: show tqdm progress bars.
+    """
+
+    def __init__(self, cfg: SpearConfig, *, resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.run_dir = Path(cfg.trainer.default_local_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        _set_threads(cfg)
+        seed = cfg.trainer.seed
+        resume_from = None
+        if resume:
+            resume_from = self.latest_checkpoint()
+            if resume_from is None:
+                raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None:
+            model_path = resume_from
+        else:
+            model_path = self._initial_model()
+        self.model, self.tokenizer = load_policy(model_path)
+        self.model.train()
+        a = cfg.actor_rollout_ref.actor
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=a.optim.lr, weight_decay=a.optim.weight_decay)
+        self.ref_model = None
+        if a.use_kl_loss:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.rollout_gen = torch.Generator().manual_seed(seed)
+        self.loss_gen = torch.Generator().manual_seed(seed + 1)
+        self.shuffle_gen = torch.Generator().manual_seed(seed + 2)
+        self.buffer = TrajectoryReplayBuffer.from_config(cfg, seed=seed + 3)
+        self.step = 0
+        self.last_saved = -1
+        self.last_eval: dict[str, float] = {}
+        r = cfg.actor_rollout_ref.rollout
+        self.envs = make_envs(cfg, cfg.data.train_batch_size * r.n)
+        self.eval_envs = make_envs(cfg, min(64, cfg.env.num_eval_tasks))
+        if resume_from is not None:
+            self._load_state(resume_from)
+        (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        self.logger = MetricsLogger(self.run_dir, cfg.trainer.logger, to_dict(cfg),
+                                    resume_step=self.step if resume_from is not None else None)
+
+    # -- setup --
+
+    def _initial_model(self) -> Path:
+        cfg = self.cfg
+        path = Path(cfg.actor_rollout_ref.model.path) if cfg.actor_rollout_ref.model.path else None
+        if path is None:
+            path = default_model_path(cfg.env.name)
+        if cfg.trainer.cold_start_sft:
+            sft_dir = self.run_dir / "sft"
+            if not (sft_dir / "spear_sft.json").is_file():
+                summary = run_sft(cfg, sft_dir, model_path=path, progress=self.progress)
+                if self.progress:
+                    print(f"sft: loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}", file=sys.stderr)
+            path = sft_dir
+        return path
+
+    # -- checkpoints --
+
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.ckpt_dir / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.ckpt_dir / pointer.read_text().strip()
+        return path if (path / STATE_FILE).is_file() else None
+
+    def save_checkpoint(self) -> Path:
+        """Model + tokenizer (HF format), optimizer, RNG states and replay buffer at the current step."""
+        name = f"step_{self.step:06d}"
+        final = self.ckpt_dir / name
+        tmp = self.ckpt_dir / f".{name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {
+                "rollout": self.rollout_gen.get_state(),
+                "loss": self.loss_gen.get_state(),
+                "shuffle": self.shuffle_gen.get_state(),
+                "torch": torch.get_rng_state(),
+            },
+            "buffer": self.buffer.state_dict(),
+            "last_eval": dict(self.last_eval),
+            "config": to_dict(self.cfg),
+        }
+        if self.ref_model is not None:
+            state["ref_model"] = self.ref_model.state_dict()
+        torch.save(state, tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        (self.ckpt_dir / "latest.tmp").write_text(name)
+        os.replace(self.ckpt_dir / "latest.tmp", self.ckpt_dir / "latest")
+        self.last_saved = self.step
+        return final
+
+    def _load_state(self, path: Path) -> None:
+        state = torch.load(path / STATE_FILE, weights_only=True)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{path}: checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rollout_gen.set_state(state["rng"]["rollout"])
+        self.loss_gen.set_state(state["rng"]["loss"])
+        self.shuffle_gen.set_state(state["rng"]["shuffle"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.last_eval = dict(state.get("last_eval", {}))
+        if self.ref_model is not None and "ref_model" in state:
+            self.ref_model.load_state_dict(state["ref_model"])
+        self.step = int(state["step"])
+        self.last_saved = self.step
+
+    # -- one step --
+
+    def task_seeds(self, step: int) -> list[int]:
+        g, k = self.cfg.data.train_batch_size, self.cfg.env.num_train_tasks
+        base = (step - 1) * g
+        return [(base + i) % k for i in range(g)] if k else [base + i for i in range(g)]
+
+    def _forward(self, model, batch: dict, rows: torch.Tensor, *, entropy: bool):
+        sub = {k: batch[k][rows] for k in ("prompts", "prompt_mask", "responses", "response_attn", "response_mask")}
+        return response_logprobs(model, sub, temperature=self.cfg.actor_rollout_ref.rollout.temperature,
+                                 return_entropy=entropy)
+
+    @torch.no_grad()
+    def _logprobs_no_grad(self, model, batch: dict) -> torch.Tensor:
+        micro = self.cfg.actor_rollout_ref.actor.ppo_micro_batch_size
+        n = batch["responses"].shape[0]
+        out = [self._forward(model, batch, torch.arange(i, min(i + micro, n)), entropy=False)[0]
+               for i in range(0, n, micro)]
+        return torch.cat(out) if out else torch.zeros_like(batch["response_mask"])
+
+    def _token_advantages(self, batch, episodes, token_rewards, loss_mask, uids) -> torch.Tensor:
+        alg = self.cfg.algorithm
+        if alg.adv_estimator == "grpo":
+            scores = token_rewards.sum(-1)
+            adv = sk.group_advantages(scores, uids, norm_by_std=alg.norm_adv_by_std_in_grpo)
+            return adv[:, None] * loss_mask
+        # GiGPO: one sample per assistant turn; the turn's advantage covers its tokens
+        step_rewards, groups, trajs, index, anchors, spans = [], [], [], [], [], []
+        bonus = token_rewards.sum(-1) - torch.tensor([ep.reward for ep in episodes])
+        for i, ep in enumerate(episodes):
+            for j, span in enumerate(ep.turn_spans):
+                last = j == len(ep.turn_spans) - 1
+                step_rewards.append(ep.turn_rewards[j] + (float(bonus[i]) if last else 0.0))
+                groups.append(uids[i])
+                trajs.append(i)
+                index.append(j)
+                anchors.append(ep.turn_obs[j] if j < len(ep.turn_obs) else "")
+                spans.append((i, span))
+        adv_steps = gigpo_advantages(
+            torch.tensor(step_rewards), groups, trajs, torch.tensor(index), anchors, gamma=alg.gamma,
+            step_advantage_w=alg.step_advantage_w, mode=alg.gigpo_mode,
+        )
+        adv = torch.zeros_like(loss_mask)
+        for (i, (start, end)), a in zip(spans, adv_steps.tolist(), strict=True):
+            adv[i, start:end] = a
+        return adv * loss_mask
+
+    def _update(self, batch: dict, *, replay: bool, weight: float = 1.0, step_optimizer: bool = True) -> dict:
+        """PPO-style epochs over mini-batches (one optimizer step each) of micro-batches (gradient accumulation)."""
+        a = self.cfg.actor_rollout_ref.actor
+        n = batch["responses"].shape[0]
+        loss_mask = batch["response_mask"]
+        suffix = "_replay" if replay else ""
+        records, grad_norms, skipped = [], [], 0
+        for _ in range(a.ppo_epochs):
+            order = torch.randperm(n, generator=self.shuffle_gen)
+            for m0 in range(0, n, a.ppo_mini_batch_size):
+                mini = order[m0 : m0 + a.ppo_mini_batch_size]
+                if float(loss_mask[mini].sum()) == 0:
+                    continue
+                info = {
+                    "batch_num_tokens": loss_mask[mini].sum(),
+                    "global_batch_size": (loss_mask[mini].sum(-1) > 0).sum(),
+                    "loss_scale_factor": float(loss_mask.shape[-1]),
+                }
+                if step_optimizer:
+                    self.optimizer.zero_grad(set_to_none=True)
+                for u0 in range(0, len(mini), a.ppo_micro_batch_size):
+                    rows = mini[u0 : u0 + a.ppo_micro_batch_size]
+                    logp, ent = self._forward(self.model, batch, rows, entropy=True)
+                    loss, metrics = actor_loss(
+                        logp, ent, batch["old_log_probs"][rows], batch["advantages"][rows], loss_mask[rows], a,
+                        replay=replay, ref_log_prob=batch["ref_log_probs"][rows] if "ref_log_probs" in batch else None,
+                        generator=self.loss_gen, global_batch_info=info,
+                    )
+                    (loss * weight).backward()
+                    records.append(metrics)
+                if step_optimizer:
+                    gn, ok = self._optimizer_step()
+                    grad_norms.append(gn)
+                    skipped += int(not ok)
+        out = _mean_metrics(records)
+        if grad_norms:
+            out[f"grad_norm{suffix}"] = sum(grad_norms) / len(grad_norms)
+        out[f"optim/skipped_steps{suffix}"] = float(skipped)
+        return {f"actor/{k}": v for k, v in out.items()}
+
+    def _optimizer_step(self) -> tuple[float, bool]:
+        gn = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.actor_rollout_ref.actor.optim.grad_clip))
+        if not math.isfinite(gn):
+            self.optimizer.zero_grad(set_to_none=True)
+            return gn, False
+        self.optimizer.step()
+        return gn, True
+
+    def train_step(self) -> dict[str, float]:
+        cfg, step = self.cfg, self.step + 1
+        a, r, alg = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout, cfg.algorithm
+        t0 = time.perf_counter()
+        tasks = self.task_seeds(step)
+        seeds = [s for s in tasks for _ in range(r.n)]
+        uids = [f"{step}:{i}" for i in range(len(tasks)) for _ in range(r.n)]
+        episodes = run_rollout(self.model, self.tokenizer, cfg, self.envs, seeds, uids,
+                               temperature=r.temperature, top_p=r.top_p, generator=self.rollout_gen)
+        t_rollout = time.perf_counter() - t0
+        metrics = summarize(episodes, "train")
+        batch = collate(episodes, pad_id=self.tokenizer.pad_token_id, max_prompt_length=cfg.data.max_prompt_length,
+                        response_length=r.response_length)
+        mask = batch["response_mask"]
+        # 2. rewards: outcome + tool-call bonus at the last assistant token
+        factor = toolcall_reward_factor(step, alg.use_toolcall_reward, alg.max_toolcall_steps)
+        bonus = toolcall_bonus([ep.tool_turns for ep in episodes], factor, variant=alg.toolcall_reward_variant)
+        outcome = torch.tensor([ep.reward for ep in episodes], dtype=torch.float32)
+        token_rewards = add_to_last_token(torch.zeros_like(mask), mask, outcome + bonus)
+        scores = token_rewards.sum(-1)
+        metrics.update({"toolcall/factor": factor, "toolcall/bonus_mean": float(bonus.mean()),
+                        "train/score": float(scores.mean())})
+        # 3. Dr.BoT filters
+        flags = {}
+        if alg.filter_overlong_responses:
+            flags["overlong"] = overlong(batch["response_attn"], r.response_length) | torch.tensor(
+                [ep.truncated for ep in episodes])
+        if alg.filter_incomplete_responses:
+            flags["incomplete"] = torch.tensor([not ep.complete for ep in episodes])
+        if alg.filter_repetitive_responses:
+            flags["repetitive"] = repetitive(batch["responses"], mask)
+        if alg.filter_unreadable_responses:
+            flags["unreadable"] = unreadable([ep.text for ep in episodes])
+        loss_mask, counts = apply_response_filters(mask, flags)
+        metrics.update({k: float(v) for k, v in counts.items()})
+        keep, fstats = rollout_std_filter(scores, uids, r.rollout_filter_ratio)
+        metrics.update(fstats)
+        rows = torch.nonzero(keep).squeeze(1)
+        episodes = [episodes[i] for i in rows.tolist()]
+        uids = [uids[i] for i in rows.tolist()]
+        batch = {k: v[rows] for k, v in batch.items()}
+        batch["response_mask"] = loss_mask[rows]
+        token_rewards, scores = token_rewards[rows], scores[rows]
+        # 4. old (and reference) log-probs
+        t1 = time.perf_counter()
+        batch["old_log_probs"] = self._logprobs_no_grad(self.model, batch)
+        if self.ref_model is not None:
+            batch["ref_log_probs"] = self._logprobs_no_grad(self.ref_model, batch)
+        # 5. advantages
+        batch["advantages"] = self._token_advantages(batch, episodes, token_rewards, batch["response_mask"], uids)
+        # 6. on-policy update; 7. replay
+        mixed = a.replay_update == "mixed"
+        replay_batch = None
+        if a.enable_trajectory_replay:
+            metrics["replay/dropped_stale"] = float(self.buffer.drop_stale(step))
+            replay_batch = self._replay_batch(step, metrics)
+        if len(episodes):
+            metrics.update(self._update(batch, replay=False, step_optimizer=not (mixed and replay_batch)))
+        if replay_batch is not None:
+            w = replay_loss_weight(step, a.replay_loss_coef, a.max_replay_loss_steps)
+            metrics["replay/weight"] = w
+            if mixed:  # the replay gradient joins the on-policy gradient in one optimizer step
+                metrics.update(self._update(replay_batch, replay=True, weight=w, step_optimizer=False))
+                gn, ok = self._optimizer_step()
+                metrics["actor/grad_norm"] = gn
+                metrics["actor/optim/skipped_steps"] = float(not ok)
+            else:
+                metrics.update(self._update(replay_batch, replay=True, weight=w))
+        # 8. admission (after the update: replay at t uses data <= t - 1)
+        if a.enable_trajectory_replay and len(episodes):
+            scalar_adv = sk.group_advantages(scores, uids, norm_by_std=alg.norm_adv_by_std_in_grpo)
+            tensors = {k: batch[k] for k in REPLAY_KEYS}
+            metrics["replay/admitted"] = float(
+                self.buffer.add(step, tensors, scores, scalar_adv, uids, batch["response_mask"]))
+            metrics["replay/buffer_size"] = float(len(self.buffer))
+            metrics["replay/events"] = float(self.buffer.replay_events)
+        t_end = time.perf_counter()
+        tokens = sum(len(ep.response_ids) + len(ep.prompt_ids) for ep in episodes)
+        metrics.update({
+            "time/rollout_s": t_rollout,
+            "time/update_s": t_end - t1,
+            "time/step_s": t_end - t0,
+            "perf/train_tokens_per_s": tokens / max(t_end - t1, 1e-9),
+            "perf/rollout_tokens_per_s": sum(len(ep.response_ids) for ep in episodes) / max(t_rollout, 1e-9),
+        })
+        self.step = step
+        return metrics
+
+    def _replay_batch(self, step: int, metrics: dict) -> dict | None:
+        sample = self.buffer.sample()
+        if sample is None:
+            return None
+        batch = dict(sample["tensors"])
+        batch["advantages"] = sample["advantages"][:, None] * batch["response_mask"]
+        if self.ref_model is not None:
+            batch["ref_log_probs"] = self._logprobs_no_grad(self.ref_model, batch)
+        metrics["replay/batch_size"] = float(len(sample["rewards"]))
+        metrics["replay/advantage_mean"] = float(sample["advantages"].mean())
+        return batch
+
+    # -- the loop --
+
+    def fit(self) -> dict[str, float]:
+        """Runs to ``trainer.total_training_steps``; returns the last evaluation. Ctrl-C saves a checkpoint of the
+        last finished step before exiting."""
+        from tqdm.auto import tqdm
+
+        t = self.cfg.trainer
+        try:
+            if self.step == 0 and t.val_before_train:
+                self.last_eval = evaluate(self.model, self.tokenizer, self.cfg, self.eval_envs)
+                self.logger.log(0, self.last_eval)
+                self._console(0, self.last_eval)
+            bar = tqdm(total=t.total_training_steps, initial=self.step, desc="train", disable=not self.progress,
+                       dynamic_ncols=True)
+            while self.step < t.total_training_steps:
+                metrics = self.train_step()
+                last = self.step == t.total_training_steps
+                if last or (t.test_freq and self.step % t.test_freq == 0):
+                    self.last_eval = evaluate(self.model, self.tokenizer, self.cfg, self.eval_envs)
+                    metrics.update(self.last_eval)
+                self.logger.log(self.step, metrics)
+                if last or (t.save_freq and self.step % t.save_freq == 0):
+                    self.save_checkpoint()
+                bar.update(1)
+                bar.set_postfix(
+                    success=f"{metrics['train/success']:.2f}",
+                    val=f"{self.last_eval.get('val/success', float('nan')):.2f}",
+                    reward=f"{metrics['train/reward']:.2f}",
+                )
+                if "val/success" in metrics:
+                    self._console(self.step, metrics)
+            bar.close()
+        except KeyboardInterrupt:
+            if self.step > self.last_saved:
+                path = self.save_checkpoint()
+                print(f"\ninterrupted: saved {path}; continue with --resume", file=sys.stderr)
+            raise
+        finally:
+            self.logger.close()
+        return self.last_eval
+
+    def _console(self, step: int, metrics: dict) -> None:
+        if "console" not in self.cfg.trainer.logger:
+            return
+        keys = ("val/success", "val/reward", "val/tool_turns", "train/success", "actor/entropy", "replay/buffer_size")
+        shown = "  ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics)
+        print(f"[step {step}] {shown}", file=sys.stderr, flush=True)

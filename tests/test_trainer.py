@@ -1,0 +1,330 @@
+"""The slim trainer: tiny model and tokenizer, rollout masks, the fused training forward, SFT, training steps,
+checkpoints and exact resume, the CLI and its errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the train extra is not installed")
+
+from spear.cli import main as cli_main  # noqa: E402
+from spear.config import ConfigError, load_config  # noqa: E402
+from spear.envs import make_env  # noqa: E402
+from spear.models import ModelLoadError, build_tiny_model, load_policy  # noqa: E402
+from spear.rollout import collate, response_logprobs, rollout  # noqa: E402
+from spear.trainer import STATE_FILE, TIMING_PREFIXES, Trainer, read_metrics, run_sft  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A very small model (1 layer, hidden 32) with the math tokenizer: fast enough for many trainer runs."""
+    path = tmp_path_factory.mktemp("models") / "micro-math"
+    return build_tiny_model(
+        path, "math", corpus_episodes=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=64,
+    )
+
+
+@pytest.fixture(scope="module")
+def sft_model(tiny_model, tmp_path_factory) -> Path:
+    """The micro model after a short SFT: it writes tags and sometimes solves tasks, so rewards vary."""
+    out = tmp_path_factory.mktemp("models") / "micro-math-sft"
+    cfg = small_cfg(tiny_model, out.parent / "unused", "sft.steps=120", "sft.lr=5e-3", "sft.num_examples=512",
+                    "sft.batch_size=16")
+    run_sft(cfg, out, progress=False)
+    return out
+
+
+def small_cfg(model: Path, run_dir: Path, *overrides: str, preset: str = "tiny_math_spear"):
+    base = [
+        f"actor_rollout_ref.model.path={model}",
+        f"trainer.default_local_dir={run_dir}",
+        "trainer.cold_start_sft=false",
+        "trainer.logger=[console]",
+        "trainer.total_training_steps=2",
+        "trainer.test_freq=2",
+        "trainer.save_freq=2",
+        "env.num_eval_tasks=6",
+        "data.train_batch_size=2",
+        "data.max_prompt_length=32",
+        "actor_rollout_ref.rollout.n=4",
+        "actor_rollout_ref.rollout.response_length=64",
+        "actor_rollout_ref.rollout.max_turns=3",
+        "actor_rollout_ref.rollout.max_turn_tokens=12",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        "actor_rollout_ref.actor.ppo_micro_batch_size=2",
+        "actor_rollout_ref.actor.optim.lr=1e-3",
+        "sft.num_examples=64",
+        "sft.steps=4",
+        "sft.batch_size=8",
+        # the micro model rarely answers; keep its unanswered episodes in the loss so updates happen
+        "algorithm.filter_incomplete_responses=false",
+        # one-operation tasks, always solved with the tool by the expert: the micro model solves some
+        "env.kwargs.max_ops=1",
+        "env.kwargs.expert_direct_prob=0.0",
+    ]
+    return load_config(preset=preset, overrides=base + list(overrides))
+
+
+# ---- model, tokenizer, rollout ------------------------------------------------------------------
+
+
+def test_tiny_model_and_tokenizer_round_trip(tiny_model):
+    model, tok = load_policy(tiny_model)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    for tag in ("<tool>", "</tool>", "<obs>", "</obs>", "<answer>", "</answer>", "<action>", "</action>"):
+        assert len(tok.encode(tag, add_special_tokens=False)) == 1, tag
+    text = "Compute (99-7)-67.\n<tool>99-7</tool><obs>92</obs>\n"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    digits = [tok.decode([i]) for i in tok.encode("12345", add_special_tokens=False)]
+    assert digits == list("12345")
+
+
+class RecordingEnv:
+    """Wraps an environment and records what it was sent and what it answered."""
+
+    def __init__(self, env):
+        self.env, self.actions, self.observations = env, [], []
+        self.stop_strings, self.fail_reward, self.name = env.stop_strings, env.fail_reward, env.name
+
+    def reset(self, seed):
+        return self.env.reset(seed)
+
+    def step(self, text):
+        result = self.env.step(text)
+        self.actions.append(text)
+        self.observations.append(result.observation)
+        return result
+
+
+def test_rollout_masks_cover_exactly_the_generated_tokens(tiny_model):
+    model, tok = load_policy(tiny_model)
+    envs = [RecordingEnv(make_env("math", max_turns=3)) for _ in range(6)]
+    g = torch.Generator().manual_seed(0)
+    episodes = rollout(model, tok, envs, list(range(6)), max_turns=3, max_turn_tokens=10, response_length=64,
+                       max_prompt_length=32, temperature=1.0, generator=g, fail_reward=-1.0)
+    assert sum(len(ep.turn_spans) for ep in episodes) > 6  # some episodes take several turns
+    for ep, env in zip(episodes, envs, strict=True):
+        assert len(ep.response_ids) == len(ep.response_mask) <= 64
+        assert len(ep.turn_spans) == len(env.actions)
+        # every assistant span is mask 1 and decodes to what the environment received
+        for (start, end), action in zip(ep.turn_spans, env.actions, strict=True):
+            assert all(m == 1 for m in ep.response_mask[start:end])
+            assert tok.decode(ep.response_ids[start:end], skip_special_tokens=False) == action
+        # everything between spans is mask 0 and is the environment's observations, token for token
+        obs_ids = [t for t, m in zip(ep.response_ids, ep.response_mask, strict=True) if m == 0]
+        expected = [t for o in env.observations for t in tok.encode(o, add_special_tokens=False)]
+        assert obs_ids == expected[: len(obs_ids)]
+        assert ep.done
+    batch = collate(episodes, pad_id=tok.pad_token_id, max_prompt_length=32, response_length=64)
+    for i, ep in enumerate(episodes):
+        p, r = len(ep.prompt_ids), len(ep.response_ids)
+        assert batch["prompts"][i, 32 - p :].tolist() == ep.prompt_ids  # left-padded prompt
+        assert batch["prompt_mask"][i].sum() == p
+        assert batch["responses"][i, :r].tolist() == ep.response_ids  # right-padded response
+        assert batch["response_attn"][i].sum() == r
+        assert batch["response_mask"][i, :r].tolist() == ep.response_mask
+        assert batch["response_mask"][i, r:].sum() == 0
+
+
+def test_rollout_rejects_long_prompts(tiny_model):
+    model, tok = load_policy(tiny_model)
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        rollout(model, tok, [make_env("math")], [0], max_turns=2, max_turn_tokens=4, response_length=16,
+                max_prompt_length=3)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_training_forward_matches_the_full_logits(tiny_model, temperature):
+    model, tok = load_policy(tiny_model)
+    envs = [make_env("math", max_turns=3) for _ in range(5)]
+    episodes = rollout(model, tok, envs, list(range(5)), max_turns=3, max_turn_tokens=10, response_length=48,
+                       max_prompt_length=32, generator=torch.Generator().manual_seed(1))
+    batch = collate(episodes, pad_id=tok.pad_token_id, max_prompt_length=32, response_length=48)
+    logp, ent = response_logprobs(model, batch, temperature=temperature)
+    (logp.sum() + ent.sum()).backward()
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ids = torch.cat([batch["prompts"], batch["responses"]], 1)
+    attn = torch.cat([batch["prompt_mask"], batch["response_attn"]], 1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, 31:-1].double() / temperature
+    lsm = torch.log_softmax(logits, -1)
+    mask = batch["response_mask"].double()
+    ref_logp = lsm.gather(-1, batch["responses"][..., None]).squeeze(-1) * mask
+    ref_ent = -(lsm.exp() * lsm).sum(-1) * mask
+    (ref_logp.sum() + ref_ent.sum()).backward()
+    assert torch.allclose(logp.double(), ref_logp, atol=1e-5)
+    assert torch.allclose(ent.double(), ref_ent, atol=1e-5)
+    for p, g in zip(model.parameters(), fused_grads, strict=True):
+        assert torch.allclose(g, p.grad, atol=1e-4, rtol=1e-3)
+
+
+# ---- SFT and training ---------------------------------------------------------------------------
+
+
+def test_sft_lowers_the_loss_and_saves_a_loadable_model(tiny_model, tmp_path):
+    cfg = small_cfg(tiny_model, tmp_path / "run", "sft.steps=30", "sft.lr=3e-3")
+    summary = run_sft(cfg, tmp_path / "sft", progress=False)
+    assert summary["loss_last"] < 0.8 * summary["loss_first"]
+    model, _ = load_policy(tmp_path / "sft")
+    before, _ = load_policy(tiny_model)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters(), strict=True))
+    assert json.loads((tmp_path / "sft" / "spear_sft.json").read_text())["steps"] == 30
+
+
+def test_two_step_smoke_training(sft_model, tmp_path):
+    cfg = small_cfg(sft_model, tmp_path / "run")
+    trainer = Trainer(cfg, progress=False)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    final = trainer.fit()
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert "val/success" in records[0] and "val/success" in records[2] and final == {
+        k: v for k, v in records[2].items() if k.startswith("val/")
+    }
+    for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "actor/pg_clipfrac", "actor/ppo_kl",
+                "toolcall/factor", "filter/any", "rollout_filter/std_before", "replay/buffer_size",
+                "train/success", "perf/train_tokens_per_s"):
+        assert key in records[1], key
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    state = torch.load(ckpt / STATE_FILE, weights_only=True)  # loads without unpickling code
+    assert state["step"] == 2 and "optimizer" in state and "buffer" in state and "rng" in state
+    load_policy(ckpt)  # the checkpoint is also a plain HF model directory
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_000002"
+
+
+def _without_timing(records):
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)} for r in records]
+
+
+def test_resume_continues_exactly(sft_model, tmp_path):
+    extra = ("trainer.total_training_steps=4", "actor_rollout_ref.actor.trajectory_buffer_size=2",
+             "actor_rollout_ref.actor.trajectory_score_threshold=-10", "trainer.test_freq=2")
+    straight = Trainer(small_cfg(sft_model, tmp_path / "a", *extra), progress=False)
+    straight.fit()
+    first = Trainer(small_cfg(sft_model, tmp_path / "b", *extra, "trainer.total_training_steps=2"), progress=False)
+    first.fit()
+    resumed = Trainer(small_cfg(sft_model, tmp_path / "b", *extra), resume=True, progress=False)
+    assert resumed.step == 2
+    resumed.fit()
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    assert _without_timing(a) == _without_timing(b)
+    assert any(r.get("replay/batch_size", 0) > 0 for r in a[3:]), "the replay path must run after the resume"
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert len(straight.buffer) == len(resumed.buffer)
+
+
+def test_interrupt_saves_the_last_finished_step(sft_model, tmp_path, monkeypatch):
+    cfg = small_cfg(sft_model, tmp_path / "run", "trainer.total_training_steps=3", "trainer.save_freq=0")
+    trainer = Trainer(cfg, progress=False)
+    real_step = trainer.train_step
+
+    def step_then_interrupt():
+        if trainer.step == 1:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(trainer, "train_step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_000001"
+    resumed = Trainer(cfg, resume=True, progress=False)
+    assert resumed.step == 1
+    resumed.fit()
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("algorithm.adv_estimator=gigpo",),
+        ("actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.kl_loss_coef=0.1"),
+        ("actor_rollout_ref.actor.replay_update=mixed", "actor_rollout_ref.actor.trajectory_buffer_size=1",
+         "actor_rollout_ref.actor.trajectory_score_threshold=-10"),
+        ("actor_rollout_ref.actor.policy_loss.loss_mode=kl_cov", "actor_rollout_ref.actor.ppo_epochs=2"),
+    ],
+    ids=["gigpo", "kl_loss", "mixed_replay", "kl_cov_2_epochs"],
+)
+def test_training_variants_run_and_update(sft_model, tmp_path, overrides):
+    cfg = small_cfg(sft_model, tmp_path / "run", *overrides, "trainer.val_before_train=false",
+                    "trainer.total_training_steps=3")
+    trainer = Trainer(cfg, progress=False)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.fit()
+    records = read_metrics(tmp_path / "run")
+    assert all(r.get("actor/optim/skipped_steps", 0) == 0 for r in records)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    if "use_kl_loss=true" in " ".join(overrides):
+        assert any("actor/kl_loss" in r for r in records)
+    if "mixed" in " ".join(overrides):
+        assert any("actor/pg_loss_replay" in r for r in records)
+
+
+# ---- errors and the CLI -------------------------------------------------------------------------
+
+
+def test_bad_model_paths_are_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a directory"):
+        load_policy(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_policy(tmp_path / "empty")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_policy(tmp_path / "broken")
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ConfigError, match="env.name"):
+        load_config(overrides=["env.name=chess"])
+    with pytest.raises(ConfigError, match="trainer.logger"):
+        load_config(overrides=["trainer.logger=[console,slack]"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(preset="tiny_chess")
+
+
+def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
+    assert cli_main(["train", "--preset", "tiny_math_spear", f"actor_rollout_ref.model.path={tmp_path / 'nope'}",
+                     f"trainer.default_local_dir={tmp_path / 'run'}", "trainer.cold_start_sft=false"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert cli_main(["train", "--preset", "tiny_math_spear", "trainer.total_training_steps=0"]) == 2
+    assert "total_training_steps" in capsys.readouterr().err
+    assert cli_main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert cli_main(["train", "--preset", "tiny_math_spear", f"trainer.default_local_dir={tmp_path / 'r'}",
+                     "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert cli_main(["plot", str(tmp_path)]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_cli_train_eval_plot(tiny_model, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [f"actor_rollout_ref.model.path={tiny_model}", f"trainer.default_local_dir={run}",
+            "trainer.cold_start_sft=true", "sft.steps=3", "sft.num_examples=16", "sft.batch_size=4",
+            "trainer.total_training_steps=1", "env.num_eval_tasks=4", "data.train_batch_size=2",
+            "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.rollout.response_length=48",
+            "actor_rollout_ref.rollout.max_turn_tokens=8", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+            "trainer.logger=[console,tensorboard]"]
+    assert cli_main(["train", "--preset", "tiny_math_spear", "--quiet", *args]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == 1 and 0 <= out["val/success"] <= 1
+    assert (run / "sft" / "spear_sft.json").is_file()  # the cold-start SFT ran first
+    png = Path(out["plot"])
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((run / "tensorboard").iterdir())
+    assert cli_main(["eval", "--preset", "tiny_math_spear", "--model", str(run / "checkpoints" / "step_000001"),
+                     "env.num_eval_tasks=3", "actor_rollout_ref.rollout.response_length=48"]) == 0
+    assert json.loads(capsys.readouterr().out)["val/success"] >= 0
+    assert cli_main(["plot", str(run), "--output", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").is_file()
