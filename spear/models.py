@@ -30,6 +30,9 @@ DEFAULT_SIZES: dict[str, dict[str, int]] = {
 }
 
 
+CORPUS_EPISODES = {"math": 2000, "textworld": 32}
+
+
 class ModelLoadError(ValueError):
     """The model path does not hold a loadable Hugging Face causal LM and tokenizer."""
 
@@ -84,7 +87,7 @@ def build_tiny_model(
     env_name: str = "math",
     *,
     env_kwargs: dict | None = None,
-    corpus_episodes: int = 2000,
+    corpus_episodes: int | None = None,
     seed: int = 0,
     **sizes: int,
 ) -> Path:
@@ -94,8 +97,11 @@ def build_tiny_model(
     if env_name not in DEFAULT_SIZES:
         raise ValueError(f"no tiny-model defaults for environment {env_name!r}; known: {', '.join(DEFAULT_SIZES)}")
     cfg = {**DEFAULT_SIZES[env_name], **sizes}
-    # Corpus seeds are far from the training/eval ranges; the tokenizer only sees the task format.
-    episodes = expert_transcripts(env_name, range(10**8, 10**8 + corpus_episodes), env_kwargs)
+    # math: fresh seeds far from the training/eval ranges (the tokenizer only learns the format); textworld:
+    # the first training games (generating a game takes seconds, and those are generated for training anyway).
+    n = corpus_episodes or CORPUS_EPISODES[env_name]
+    first = 10**8 if env_name == "math" else 0
+    episodes = expert_transcripts(env_name, range(first, first + n), env_kwargs)
     tokenizer = build_tokenizer(("".join(text for text, _ in ep) for ep in episodes), cfg.pop("vocab_size"))
     torch.manual_seed(seed)
     config = Qwen2Config(

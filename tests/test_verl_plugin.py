@@ -138,3 +138,94 @@ def test_patch_fused_kernels_routes_verls_hook():
     finally:
         verl_plugin.unpatch_fused_kernels()
     assert kernel.linear_cross_entropy is original
+
+
+def _ppo_loss_inputs(global_info: bool):
+    """verl's actor-worker loss inputs: unpadded per-token model outputs, a left-padded prompt, a right-padded
+    response, and (optionally) the global batch info that data parallelism sets."""
+    from verl.utils import tensordict_utils as tu
+
+    g = torch.Generator().manual_seed(5)
+    b, p, length = 4, 5, 7
+    plen, rlen = [3, 5, 2, 4], [7, 4, 6, 1]
+    attn = torch.zeros(b, p + length, dtype=torch.long)
+    for i in range(b):
+        attn[i, p - plen[i] : p] = 1
+        attn[i, p : p + rlen[i]] = 1
+    nnz = int(attn.sum())
+    info = {"dp_size": 2, "batch_num_tokens": 40, "global_batch_size": 8} if global_info else {
+        "dp_size": 1, "batch_num_tokens": None, "global_batch_size": None}
+    td = tu.get_tensordict(
+        {
+            "prompts": torch.zeros(b, p, dtype=torch.long),
+            "responses": torch.zeros(b, length, dtype=torch.long),
+            "attention_mask": attn,
+            "response_mask": attn[:, p:].float(),
+            "old_log_probs": -torch.rand(b, length, generator=g) * 2,
+            "advantages": torch.randn(b, length, generator=g),
+        },
+        non_tensor_dict=info,
+    )
+    log_probs = -torch.rand(nnz, generator=g) * 2
+    entropy = torch.rand(nnz, generator=g)
+    return td, log_probs, entropy
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "clip_cov", "kl_cov", "gpg"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("global_info", [False, True], ids=["local", "global_batch_info"])
+def test_losses_through_verls_ppo_loss_with_an_actor_config(mode, agg, global_info):
+    from verl.workers.config.actor import FSDPActorConfig, PolicyLossConfig
+    from verl.workers.utils.losses import ppo_loss
+
+    results = []
+    for name in (mode, f"spear_{mode}"):
+        td, log_probs, entropy = _ppo_loss_inputs(global_info)
+        log_probs.requires_grad_(True)
+        entropy.requires_grad_(True)
+        cfg = FSDPActorConfig(
+            strategy="fsdp", rollout_n=1, ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=4,
+            use_torch_compile=False, loss_agg_mode=agg, entropy_coeff=0.01, clip_ratio_high=0.28,
+            policy_loss=PolicyLossConfig(loss_mode=name, clip_cov_ratio=0.2, clip_cov_lb=-5.0, clip_cov_ub=5.0),
+        )
+        loss, metrics = ppo_loss(cfg, {"log_probs": log_probs, "entropy": entropy}, td)
+        loss.backward()
+        results.append((loss.detach(), metrics, log_probs.grad, entropy.grad))
+    (v_loss, v_metrics, v_glp, v_gent), (s_loss, s_metrics, s_glp, s_gent) = results
+    assert s_metrics.keys() == v_metrics.keys()
+    assert_close("entropy grad", s_gent, v_gent, atol=1e-7, rtol=1e-6)
+    if mode == "clip_cov":
+        # the zeroed tokens are drawn at random (verl: torch's global RNG; ours: a seeded generator): same
+        # count, and the gradient is zero exactly where one of the two zeroed a token or agrees elsewhere
+        zeroed_v, zeroed_s = (v_glp == 0).sum(), (s_glp == 0).sum()
+        assert zeroed_v == zeroed_s and zeroed_v > 0
+        both = (v_glp != 0) & (s_glp != 0)
+        assert_close("log-prob grad", s_glp[both], v_glp[both], atol=1e-7, rtol=1e-5)
+        return
+    assert s_loss.item() == pytest.approx(v_loss.item(), rel=1e-5, abs=1e-7)
+    assert_close("log-prob grad", s_glp, v_glp, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_spear_grpo_through_verls_compute_advantage(norm):
+    from verl import DataProto
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    g = torch.Generator().manual_seed(6)
+    rewards = torch.zeros(24, 9)
+    mask = torch.ones(24, 9)
+    mask[::3, 6:] = 0
+    rewards[torch.arange(24), mask.sum(-1).long() - 1] = torch.randint(0, 3, (24,), generator=g).float()
+    uids = np.array([f"q{i // 6}" for i in range(24)], dtype=object)
+    out = []
+    for estimator in ("grpo", "spear_grpo"):
+        data = DataProto.from_dict(
+            tensors={"token_level_rewards": rewards.clone(), "response_mask": mask.clone()},
+            non_tensors={"uid": uids.copy()},
+        )
+        cfg = AlgoConfig(adv_estimator=estimator, norm_adv_by_std_in_grpo=norm)
+        data = compute_advantage(data, estimator, norm_adv_by_std_in_grpo=norm, config=cfg)
+        out.append(data.batch["advantages"])
+    assert out[0].abs().sum() > 0
+    assert_close("advantages", out[1], out[0], atol=1e-6, rtol=1e-6)
