@@ -99,9 +99,9 @@ def cmd_build_model(args) -> int:
 
 def cmd_compare(args) -> int:
     """GRPO, Dr.BoT and SPEAR from one cold-start SFT model, same environment and seeds; prints a success table."""
-    from .models import load_policy
+    from .models import default_model_path, load_policy
     from .plot import success_table
-    from .trainer import Trainer, evaluate, read_metrics, run_sft
+    from .trainer import Trainer, evaluate, read_metrics, run_sft, sft_is_current
 
     out = Path(args.output or f"runs/compare_{args.env}")
     presets = {m: f"tiny_{args.env}_{m}" for m in COMPARE_METHODS}
@@ -110,8 +110,9 @@ def cmd_compare(args) -> int:
             raise ConfigError(f"spear compare --env {args.env}: no preset {name!r}")
     base = load_config(preset=f"tiny_{args.env}", overrides=args.overrides)
     sft_dir = out / "sft"
-    if not (sft_dir / "spear_sft.json").is_file():
-        run_sft(base, sft_dir, progress=not args.quiet)
+    base_model = base.actor_rollout_ref.model.path or default_model_path(base.env.name)
+    if not sft_is_current(base, base_model, sft_dir):
+        run_sft(base, sft_dir, model_path=base_model, progress=not args.quiet)
     model, tokenizer = load_policy(sft_dir)
     start = evaluate(model, tokenizer, base)["val/success"]
     rows: dict[str, dict[str, float]] = {"SFT (start)": {f"seed {s}": start for s in args.seeds}}
@@ -119,8 +120,12 @@ def cmd_compare(args) -> int:
         rows[METHOD_NAMES[method]] = {}
         for seed in args.seeds:
             run_dir = out / f"{method}_seed{seed}"
-            extra = [f"actor_rollout_ref.model.path={sft_dir}", "trainer.cold_start_sft=false",
-                     f"trainer.seed={seed}", f"trainer.default_local_dir={run_dir}"]
+            extra = [
+                f"actor_rollout_ref.model.path={sft_dir}",
+                "trainer.cold_start_sft=false",
+                f"trainer.seed={seed}",
+                f"trainer.default_local_dir={run_dir}",
+            ]
             if args.steps:
                 extra.append(f"trainer.total_training_steps={args.steps}")
             cfg = load_config(preset=preset, overrides=list(args.overrides) + extra)

@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional  # noqa: UP035 (OmegaConf needs typing generics)
+from typing import Any, Dict, List, Optional  # noqa: UP035 (OmegaConf needs the typing generics)
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -114,7 +114,7 @@ class RolloutConfig:
 class ModelConfig:
     """``actor_rollout_ref.model``: a local Hugging Face causal LM directory; null = the built-in tiny model."""
 
-    path: Optional[str] = None
+    path: Optional[str] = None  # noqa: UP045 (OmegaConf needs typing generics)
 
 
 @dataclass
@@ -158,7 +158,7 @@ class EnvConfig:
     num_train_tasks: int = 0  # 0: a new task seed every time; k > 0: training cycles through seeds [0, k)
     num_eval_tasks: int = 64
     eval_seed: int = 1_000_000  # evaluation uses seeds [eval_seed, eval_seed + num_eval_tasks)
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the environment's constructor
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # noqa: UP006 - passed to the environment's constructor
 
 
 @dataclass
@@ -183,7 +183,7 @@ class TrainerConfig:
     cold_start_sft: bool = False  # run the ``sft`` section on the initial model first (saved in <run dir>/sft)
     default_local_dir: str = "runs/spear"
     seed: int = 0
-    logger: List[str] = field(default_factory=lambda: ["console", "tensorboard"])
+    logger: List[str] = field(default_factory=lambda: ["console", "tensorboard"])  # noqa: UP006
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
 
 
@@ -326,19 +326,20 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _preset_chain(preset: str) -> list[str]:
-    """The preset and the presets it extends (a top-level ``base: <preset>`` key), most basic first."""
+def _preset_chain(preset: str, _seen: tuple[str, ...] = ()) -> list[str]:
+    """The preset after the presets it extends (a top-level ``base: <preset>`` or ``base: [<preset>, ...]`` key,
+    applied in order), most basic first."""
+    path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(available_presets())}")
+    if preset in _seen:
+        raise ConfigError(f"preset {_seen[0]!r}: 'base' keys form a cycle through {preset!r}")
+    base = OmegaConf.load(path).get("base", None)
+    bases = [] if base is None else [base] if isinstance(base, str) else list(base)
     chain: list[str] = []
-    name: str | None = preset
-    while name is not None:
-        path = PRESET_DIR / f"{name}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
-        if name in chain:
-            raise ConfigError(f"preset {preset!r}: 'base' keys form a cycle through {name!r}")
-        chain.append(name)
-        name = OmegaConf.load(path).get("base", None)
-    return chain[::-1]
+    for name in bases:
+        chain += [n for n in _preset_chain(name, (*_seen, preset)) if n not in chain]
+    return [*chain, preset]
 
 
 def _as_node(source: Any, what: str) -> DictConfig:

@@ -23,10 +23,24 @@ TAGS = ("<tool>", "</tool>", "<obs>", "</obs>", "<answer>", "</answer>", "<actio
 TINY_MODEL_VERSION = 1
 DEFAULT_SIZES: dict[str, dict[str, int]] = {
     # hidden, layers, heads, kv heads, MLP width, BPE vocabulary, positions
-    "math": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=384, vocab_size=320, max_position_embeddings=512),
-    "textworld": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=384, vocab_size=1536, max_position_embeddings=2048),
+    "math": dict(
+        hidden_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=384,
+        vocab_size=320,
+        max_position_embeddings=512,
+    ),
+    "textworld": dict(
+        hidden_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=384,
+        vocab_size=1536,
+        max_position_embeddings=2048,
+    ),
 }
 
 
@@ -41,7 +55,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPEAR_CACHE", Path.home() / ".cache" / "spear"))
 
 
-def expert_transcripts(env_name: str, seeds: Iterable[int], env_kwargs: dict | None = None) -> list[list[tuple[str, bool]]]:
+def expert_transcripts(
+    env_name: str, seeds: Iterable[int], env_kwargs: dict | None = None
+) -> list[list[tuple[str, bool]]]:
     """Expert episodes as ``[(text, is_assistant), ...]``: the prompt, then alternating turns and observations."""
     env = make_env(env_name, **(env_kwargs or {}))
     out = []
@@ -145,7 +161,7 @@ def load_policy(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tupl
 
     p = Path(path)
     if not p.is_dir():
-        raise ModelLoadError(f"model path {str(p)!r} is not a directory (a local Hugging Face model directory is needed)")
+        raise ModelLoadError(f"model path {str(p)!r} is not a directory (a local Hugging Face model directory)")
     if not (p / "config.json").is_file():
         raise ModelLoadError(f"model path {str(p)!r} has no config.json: not a Hugging Face model directory")
     try:

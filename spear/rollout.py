@@ -99,8 +99,9 @@ def generate_turn(
         attn[i, width - len(c) :] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    out = model(
+        input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+    )
     new: list[list[int]] = [[] for _ in range(b)]
     finished = torch.tensor([m <= 0 for m in max_new_tokens])
     limit = max(max_new_tokens)
@@ -123,8 +124,13 @@ def generate_turn(
             break
         attn = torch.cat([attn, torch.ones((b, 1), dtype=torch.long)], dim=1)
         last_pos = last_pos + 1
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=last_pos[:, None],
-                    past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=tok[:, None],
+            attention_mask=attn,
+            position_ids=last_pos[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
     return new
 
 
@@ -230,8 +236,9 @@ def collate(episodes: Sequence[Episode], *, pad_id: int, max_prompt_length: int,
     for i, ep in enumerate(episodes):
         p, r = len(ep.prompt_ids), len(ep.response_ids)
         if p > max_prompt_length or r > response_length:
-            raise ValueError(f"episode {i} does not fit: prompt {p} > {max_prompt_length} or response {r} > "
-                             f"{response_length}")
+            raise ValueError(
+                f"episode {i} does not fit: prompt {p} > {max_prompt_length} or response {r} > {response_length}"
+            )
         prompts[i, max_prompt_length - p :] = torch.tensor(ep.prompt_ids, dtype=torch.long)
         prompt_mask[i, max_prompt_length - p :] = 1
         if r:

@@ -12,7 +12,8 @@ One step (SPEAR-SPEC section 1):
 7. the self-imitation update when the replay buffer triggers (stored old log-probs, ``w_sil(t)``);
 8. the buffer admits this step's good trajectories.
 
-Log-probs and entropies come from ``spear_kernels.linear_logprobs_entropy`` (see :func:`spear.rollout.response_logprobs`).
+Log-probs and entropies come from ``spear_kernels.linear_logprobs_entropy``
+(see :func:`spear.rollout.response_logprobs`).
 """
 
 from __future__ import annotations
@@ -105,8 +106,14 @@ def evaluate(model, tokenizer, cfg: SpearConfig, envs=None, *, batch_size: int =
     for start in range(0, len(seeds), len(envs)):
         chunk = seeds[start : start + len(envs)]
         episodes += run_rollout(
-            model, tokenizer, cfg, envs, chunk, temperature=cfg.actor_rollout_ref.rollout.val_temperature,
-            top_p=1.0, generator=generator,
+            model,
+            tokenizer,
+            cfg,
+            envs,
+            chunk,
+            temperature=cfg.actor_rollout_ref.rollout.val_temperature,
+            top_p=1.0,
+            generator=generator,
         )
     return summarize(episodes, "val")
 
@@ -128,7 +135,8 @@ def expert_episodes(cfg: SpearConfig, tokenizer, count: int) -> list[Episode]:
             ids = tokenizer.encode(text, add_special_tokens=False)
             ep.response_ids += ids
             ep.response_mask += [int(is_assistant)] * len(ids)
-        if len(ep.prompt_ids) > cfg.data.max_prompt_length or len(ep.response_ids) > cfg.actor_rollout_ref.rollout.response_length:
+        too_long = len(ep.response_ids) > cfg.actor_rollout_ref.rollout.response_length
+        if len(ep.prompt_ids) > cfg.data.max_prompt_length or too_long:
             raise ValueError(
                 f"expert episode of seed {seed} does not fit data.max_prompt_length / rollout.response_length "
                 f"({len(ep.prompt_ids)} / {len(ep.response_ids)} tokens)"
@@ -153,8 +161,12 @@ def run_sft(
     model.train()
     episodes = expert_episodes(cfg, tokenizer, s.num_examples)
     r = cfg.actor_rollout_ref.rollout
-    data = collate(episodes, pad_id=tokenizer.pad_token_id, max_prompt_length=cfg.data.max_prompt_length,
-                   response_length=r.response_length)
+    data = collate(
+        episodes,
+        pad_id=tokenizer.pad_token_id,
+        max_prompt_length=cfg.data.max_prompt_length,
+        response_length=r.response_length,
+    )
     generator = torch.Generator().manual_seed(cfg.trainer.seed)
     torch.manual_seed(cfg.trainer.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
@@ -187,13 +199,43 @@ def run_sft(
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    summary = {"loss_first": losses[0], "loss_last": losses[-1], "steps": s.steps, "examples": len(episodes),
-               "base_model": str(path), "output": str(out)}
+    summary = {
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "steps": s.steps,
+        "examples": len(episodes),
+        "base_model": str(path),
+        "output": str(out),
+        "key": _sft_key(cfg, path),
+    }
     (tmp / "spear_sft.json").write_text(json.dumps(summary, indent=1))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return summary
+
+
+def _sft_key(cfg: SpearConfig, base_model) -> dict:
+    """What a cold-start SFT model depends on: reused only when all of it matches."""
+    d = to_dict(cfg)
+    return {
+        "base_model": str(base_model),
+        "sft": d["sft"],
+        "env": d["env"],
+        "data": d["data"],
+        "max_turns": cfg.actor_rollout_ref.rollout.max_turns,
+        "response_length": cfg.actor_rollout_ref.rollout.response_length,
+        "seed": cfg.trainer.seed,
+    }
+
+
+def sft_is_current(cfg: SpearConfig, base_model, sft_dir: str | Path) -> bool:
+    """Whether ``sft_dir`` holds the SFT of ``base_model`` with exactly these settings (so it can be reused)."""
+    try:
+        saved = json.loads((Path(sft_dir) / "spear_sft.json").read_text()).get("key")
+    except (OSError, ValueError):
+        return False
+    return saved == _sft_key(cfg, base_model)
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -206,8 +248,11 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # drop the records of steps after the checkpoint: they are about to be recomputed
-            kept = [line for line in self.path.read_text().splitlines() if line.strip()
-                    and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -291,6 +336,14 @@ class Trainer:
             if resume_from is None:
                 raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and (self.ckpt_dir / "latest").exists():
+            # a fresh start in a used run directory: --resume must not pick up the old run's checkpoints
+            (self.ckpt_dir / "latest").unlink()
+            print(
+                f"spear: starting a new run in {self.run_dir} (its old checkpoints are overwritten as new ones are "
+                "saved; use --resume to continue instead)",
+                file=sys.stderr,
+            )
         if resume_from is not None:
             model_path = resume_from
         else:
@@ -315,8 +368,9 @@ class Trainer:
         if resume_from is not None:
             self._load_state(resume_from)
         (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-        self.logger = MetricsLogger(self.run_dir, cfg.trainer.logger, to_dict(cfg),
-                                    resume_step=self.step if resume_from is not None else None)
+        self.logger = MetricsLogger(
+            self.run_dir, cfg.trainer.logger, to_dict(cfg), resume_step=self.step if resume_from is not None else None
+        )
 
     # -- setup --
 
@@ -327,7 +381,7 @@ class Trainer:
             path = default_model_path(cfg.env.name)
         if cfg.trainer.cold_start_sft:
             sft_dir = self.run_dir / "sft"
-            if not (sft_dir / "spear_sft.json").is_file():
+            if not sft_is_current(cfg, path, sft_dir):
                 summary = run_sft(cfg, sft_dir, model_path=path, progress=self.progress)
                 if self.progress:
                     print(f"sft: loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}", file=sys.stderr)
@@ -402,15 +456,18 @@ class Trainer:
 
     def _forward(self, model, batch: dict, rows: torch.Tensor, *, entropy: bool):
         sub = {k: batch[k][rows] for k in ("prompts", "prompt_mask", "responses", "response_attn", "response_mask")}
-        return response_logprobs(model, sub, temperature=self.cfg.actor_rollout_ref.rollout.temperature,
-                                 return_entropy=entropy)
+        return response_logprobs(
+            model, sub, temperature=self.cfg.actor_rollout_ref.rollout.temperature, return_entropy=entropy
+        )
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model, batch: dict) -> torch.Tensor:
         micro = self.cfg.actor_rollout_ref.actor.ppo_micro_batch_size
         n = batch["responses"].shape[0]
-        out = [self._forward(model, batch, torch.arange(i, min(i + micro, n)), entropy=False)[0]
-               for i in range(0, n, micro)]
+        out = [
+            self._forward(model, batch, torch.arange(i, min(i + micro, n)), entropy=False)[0]
+            for i in range(0, n, micro)
+        ]
         return torch.cat(out) if out else torch.zeros_like(batch["response_mask"])
 
     def _token_advantages(self, batch, episodes, token_rewards, loss_mask, uids) -> torch.Tensor:
@@ -432,8 +489,14 @@ class Trainer:
                 anchors.append(ep.turn_obs[j] if j < len(ep.turn_obs) else "")
                 spans.append((i, span))
         adv_steps = gigpo_advantages(
-            torch.tensor(step_rewards), groups, trajs, torch.tensor(index), anchors, gamma=alg.gamma,
-            step_advantage_w=alg.step_advantage_w, mode=alg.gigpo_mode,
+            torch.tensor(step_rewards),
+            groups,
+            trajs,
+            torch.tensor(index),
+            anchors,
+            gamma=alg.gamma,
+            step_advantage_w=alg.step_advantage_w,
+            mode=alg.gigpo_mode,
         )
         adv = torch.zeros_like(loss_mask)
         for (i, (start, end)), a in zip(spans, adv_steps.tolist(), strict=True):
@@ -464,9 +527,16 @@ class Trainer:
                     rows = mini[u0 : u0 + a.ppo_micro_batch_size]
                     logp, ent = self._forward(self.model, batch, rows, entropy=True)
                     loss, metrics = actor_loss(
-                        logp, ent, batch["old_log_probs"][rows], batch["advantages"][rows], loss_mask[rows], a,
-                        replay=replay, ref_log_prob=batch["ref_log_probs"][rows] if "ref_log_probs" in batch else None,
-                        generator=self.loss_gen, global_batch_info=info,
+                        logp,
+                        ent,
+                        batch["old_log_probs"][rows],
+                        batch["advantages"][rows],
+                        loss_mask[rows],
+                        a,
+                        replay=replay,
+                        ref_log_prob=batch["ref_log_probs"][rows] if "ref_log_probs" in batch else None,
+                        generator=self.loss_gen,
+                        global_batch_info=info,
                     )
                     (loss * weight).backward()
                     records.append(metrics)
@@ -481,7 +551,8 @@ class Trainer:
         return {f"actor/{k}": v for k, v in out.items()}
 
     def _optimizer_step(self) -> tuple[float, bool]:
-        gn = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.actor_rollout_ref.actor.optim.grad_clip))
+        clip = self.cfg.actor_rollout_ref.actor.optim.grad_clip
+        gn = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         if not math.isfinite(gn):
             self.optimizer.zero_grad(set_to_none=True)
             return gn, False
@@ -495,12 +566,25 @@ class Trainer:
         tasks = self.task_seeds(step)
         seeds = [s for s in tasks for _ in range(r.n)]
         uids = [f"{step}:{i}" for i in range(len(tasks)) for _ in range(r.n)]
-        episodes = run_rollout(self.model, self.tokenizer, cfg, self.envs, seeds, uids,
-                               temperature=r.temperature, top_p=r.top_p, generator=self.rollout_gen)
+        episodes = run_rollout(
+            self.model,
+            self.tokenizer,
+            cfg,
+            self.envs,
+            seeds,
+            uids,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            generator=self.rollout_gen,
+        )
         t_rollout = time.perf_counter() - t0
         metrics = summarize(episodes, "train")
-        batch = collate(episodes, pad_id=self.tokenizer.pad_token_id, max_prompt_length=cfg.data.max_prompt_length,
-                        response_length=r.response_length)
+        batch = collate(
+            episodes,
+            pad_id=self.tokenizer.pad_token_id,
+            max_prompt_length=cfg.data.max_prompt_length,
+            response_length=r.response_length,
+        )
         mask = batch["response_mask"]
         # 2. rewards: outcome + tool-call bonus at the last assistant token
         factor = toolcall_reward_factor(step, alg.use_toolcall_reward, alg.max_toolcall_steps)
@@ -508,13 +592,15 @@ class Trainer:
         outcome = torch.tensor([ep.reward for ep in episodes], dtype=torch.float32)
         token_rewards = add_to_last_token(torch.zeros_like(mask), mask, outcome + bonus)
         scores = token_rewards.sum(-1)
-        metrics.update({"toolcall/factor": factor, "toolcall/bonus_mean": float(bonus.mean()),
-                        "train/score": float(scores.mean())})
+        metrics.update(
+            {"toolcall/factor": factor, "toolcall/bonus_mean": float(bonus.mean()), "train/score": float(scores.mean())}
+        )
         # 3. Dr.BoT filters
         flags = {}
         if alg.filter_overlong_responses:
             flags["overlong"] = overlong(batch["response_attn"], r.response_length) | torch.tensor(
-                [ep.truncated for ep in episodes])
+                [ep.truncated for ep in episodes]
+            )
         if alg.filter_incomplete_responses:
             flags["incomplete"] = torch.tensor([not ep.complete for ep in episodes])
         if alg.filter_repetitive_responses:
@@ -561,18 +647,21 @@ class Trainer:
             scalar_adv = sk.group_advantages(scores, uids, norm_by_std=alg.norm_adv_by_std_in_grpo)
             tensors = {k: batch[k] for k in REPLAY_KEYS}
             metrics["replay/admitted"] = float(
-                self.buffer.add(step, tensors, scores, scalar_adv, uids, batch["response_mask"]))
+                self.buffer.add(step, tensors, scores, scalar_adv, uids, batch["response_mask"])
+            )
             metrics["replay/buffer_size"] = float(len(self.buffer))
             metrics["replay/events"] = float(self.buffer.replay_events)
         t_end = time.perf_counter()
         tokens = sum(len(ep.response_ids) + len(ep.prompt_ids) for ep in episodes)
-        metrics.update({
-            "time/rollout_s": t_rollout,
-            "time/update_s": t_end - t1,
-            "time/step_s": t_end - t0,
-            "perf/train_tokens_per_s": tokens / max(t_end - t1, 1e-9),
-            "perf/rollout_tokens_per_s": sum(len(ep.response_ids) for ep in episodes) / max(t_rollout, 1e-9),
-        })
+        metrics.update(
+            {
+                "time/rollout_s": t_rollout,
+                "time/update_s": t_end - t1,
+                "time/step_s": t_end - t0,
+                "perf/train_tokens_per_s": tokens / max(t_end - t1, 1e-9),
+                "perf/rollout_tokens_per_s": sum(len(ep.response_ids) for ep in episodes) / max(t_rollout, 1e-9),
+            }
+        )
         self.step = step
         return metrics
 
@@ -601,8 +690,13 @@ class Trainer:
                 self.last_eval = evaluate(self.model, self.tokenizer, self.cfg, self.eval_envs)
                 self.logger.log(0, self.last_eval)
                 self._console(0, self.last_eval)
-            bar = tqdm(total=t.total_training_steps, initial=self.step, desc="train", disable=not self.progress,
-                       dynamic_ncols=True)
+            bar = tqdm(
+                total=t.total_training_steps,
+                initial=self.step,
+                desc="train",
+                disable=not self.progress,
+                dynamic_ncols=True,
+            )
             while self.step < t.total_training_steps:
                 metrics = self.train_step()
                 last = self.step == t.total_training_steps

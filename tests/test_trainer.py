@@ -24,8 +24,14 @@ def tiny_model(tmp_path_factory) -> Path:
     """A very small model (1 layer, hidden 32) with the math tokenizer: fast enough for many trainer runs."""
     path = tmp_path_factory.mktemp("models") / "micro-math"
     return build_tiny_model(
-        path, "math", corpus_episodes=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, intermediate_size=64,
+        path,
+        "math",
+        corpus_episodes=300,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
     )
 
 
@@ -33,8 +39,9 @@ def tiny_model(tmp_path_factory) -> Path:
 def sft_model(tiny_model, tmp_path_factory) -> Path:
     """The micro model after a short SFT: it writes tags and sometimes solves tasks, so rewards vary."""
     out = tmp_path_factory.mktemp("models") / "micro-math-sft"
-    cfg = small_cfg(tiny_model, out.parent / "unused", "sft.steps=120", "sft.lr=5e-3", "sft.num_examples=512",
-                    "sft.batch_size=16")
+    cfg = small_cfg(
+        tiny_model, out.parent / "unused", "sft.steps=120", "sft.lr=5e-3", "sft.num_examples=512", "sft.batch_size=16"
+    )
     run_sft(cfg, out, progress=False)
     return out
 
@@ -106,8 +113,19 @@ def test_rollout_masks_cover_exactly_the_generated_tokens(tiny_model):
     model, tok = load_policy(tiny_model)
     envs = [RecordingEnv(make_env("math", max_turns=3)) for _ in range(6)]
     g = torch.Generator().manual_seed(0)
-    episodes = rollout(model, tok, envs, list(range(6)), max_turns=3, max_turn_tokens=10, response_length=64,
-                       max_prompt_length=32, temperature=1.0, generator=g, fail_reward=-1.0)
+    episodes = rollout(
+        model,
+        tok,
+        envs,
+        list(range(6)),
+        max_turns=3,
+        max_turn_tokens=10,
+        response_length=64,
+        max_prompt_length=32,
+        temperature=1.0,
+        generator=g,
+        fail_reward=-1.0,
+    )
     assert sum(len(ep.turn_spans) for ep in episodes) > 6  # some episodes take several turns
     for ep, env in zip(episodes, envs, strict=True):
         assert len(ep.response_ids) == len(ep.response_mask) <= 64
@@ -135,16 +153,26 @@ def test_rollout_masks_cover_exactly_the_generated_tokens(tiny_model):
 def test_rollout_rejects_long_prompts(tiny_model):
     model, tok = load_policy(tiny_model)
     with pytest.raises(ValueError, match="max_prompt_length"):
-        rollout(model, tok, [make_env("math")], [0], max_turns=2, max_turn_tokens=4, response_length=16,
-                max_prompt_length=3)
+        rollout(
+            model, tok, [make_env("math")], [0], max_turns=2, max_turn_tokens=4, response_length=16, max_prompt_length=3
+        )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_fused_training_forward_matches_the_full_logits(tiny_model, temperature):
     model, tok = load_policy(tiny_model)
     envs = [make_env("math", max_turns=3) for _ in range(5)]
-    episodes = rollout(model, tok, envs, list(range(5)), max_turns=3, max_turn_tokens=10, response_length=48,
-                       max_prompt_length=32, generator=torch.Generator().manual_seed(1))
+    episodes = rollout(
+        model,
+        tok,
+        envs,
+        list(range(5)),
+        max_turns=3,
+        max_turn_tokens=10,
+        response_length=48,
+        max_prompt_length=32,
+        generator=torch.Generator().manual_seed(1),
+    )
     batch = collate(episodes, pad_id=tok.pad_token_id, max_prompt_length=32, response_length=48)
     logp, ent = response_logprobs(model, batch, temperature=temperature)
     (logp.sum() + ent.sum()).backward()
@@ -185,12 +213,24 @@ def test_two_step_smoke_training(sft_model, tmp_path):
     final = trainer.fit()
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [0, 1, 2]
-    assert "val/success" in records[0] and "val/success" in records[2] and final == {
-        k: v for k, v in records[2].items() if k.startswith("val/")
-    }
-    for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "actor/pg_clipfrac", "actor/ppo_kl",
-                "toolcall/factor", "filter/any", "rollout_filter/std_before", "replay/buffer_size",
-                "train/success", "perf/train_tokens_per_s"):
+    assert (
+        "val/success" in records[0]
+        and "val/success" in records[2]
+        and final == {k: v for k, v in records[2].items() if k.startswith("val/")}
+    )
+    for key in (
+        "actor/pg_loss",
+        "actor/entropy",
+        "actor/grad_norm",
+        "actor/pg_clipfrac",
+        "actor/ppo_kl",
+        "toolcall/factor",
+        "filter/any",
+        "rollout_filter/std_before",
+        "replay/buffer_size",
+        "train/success",
+        "perf/train_tokens_per_s",
+    ):
         assert key in records[1], key
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
     ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
@@ -205,8 +245,12 @@ def _without_timing(records):
 
 
 def test_resume_continues_exactly(sft_model, tmp_path):
-    extra = ("trainer.total_training_steps=4", "actor_rollout_ref.actor.trajectory_buffer_size=2",
-             "actor_rollout_ref.actor.trajectory_score_threshold=-10", "trainer.test_freq=2")
+    extra = (
+        "trainer.total_training_steps=4",
+        "actor_rollout_ref.actor.trajectory_buffer_size=2",
+        "actor_rollout_ref.actor.trajectory_score_threshold=-10",
+        "trainer.test_freq=2",
+    )
     straight = Trainer(small_cfg(sft_model, tmp_path / "a", *extra), progress=False)
     straight.fit()
     first = Trainer(small_cfg(sft_model, tmp_path / "b", *extra, "trainer.total_training_steps=2"), progress=False)
@@ -248,15 +292,19 @@ def test_interrupt_saves_the_last_finished_step(sft_model, tmp_path, monkeypatch
     [
         ("algorithm.adv_estimator=gigpo",),
         ("actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.kl_loss_coef=0.1"),
-        ("actor_rollout_ref.actor.replay_update=mixed", "actor_rollout_ref.actor.trajectory_buffer_size=1",
-         "actor_rollout_ref.actor.trajectory_score_threshold=-10"),
+        (
+            "actor_rollout_ref.actor.replay_update=mixed",
+            "actor_rollout_ref.actor.trajectory_buffer_size=1",
+            "actor_rollout_ref.actor.trajectory_score_threshold=-10",
+        ),
         ("actor_rollout_ref.actor.policy_loss.loss_mode=kl_cov", "actor_rollout_ref.actor.ppo_epochs=2"),
     ],
     ids=["gigpo", "kl_loss", "mixed_replay", "kl_cov_2_epochs"],
 )
 def test_training_variants_run_and_update(sft_model, tmp_path, overrides):
-    cfg = small_cfg(sft_model, tmp_path / "run", *overrides, "trainer.val_before_train=false",
-                    "trainer.total_training_steps=3")
+    cfg = small_cfg(
+        sft_model, tmp_path / "run", *overrides, "trainer.val_before_train=false", "trainer.total_training_steps=3"
+    )
     trainer = Trainer(cfg, progress=False)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.fit()
@@ -294,15 +342,28 @@ def test_bad_config_is_a_clear_error():
 
 
 def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
-    assert cli_main(["train", "--preset", "tiny_math_spear", f"actor_rollout_ref.model.path={tmp_path / 'nope'}",
-                     f"trainer.default_local_dir={tmp_path / 'run'}", "trainer.cold_start_sft=false"]) == 2
+    assert (
+        cli_main(
+            [
+                "train",
+                "--preset",
+                "tiny_math_spear",
+                f"actor_rollout_ref.model.path={tmp_path / 'nope'}",
+                f"trainer.default_local_dir={tmp_path / 'run'}",
+                "trainer.cold_start_sft=false",
+            ]
+        )
+        == 2
+    )
     assert "not a directory" in capsys.readouterr().err
     assert cli_main(["train", "--preset", "tiny_math_spear", "trainer.total_training_steps=0"]) == 2
     assert "total_training_steps" in capsys.readouterr().err
     assert cli_main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert cli_main(["train", "--preset", "tiny_math_spear", f"trainer.default_local_dir={tmp_path / 'r'}",
-                     "--resume"]) == 2
+    assert (
+        cli_main(["train", "--preset", "tiny_math_spear", f"trainer.default_local_dir={tmp_path / 'r'}", "--resume"])
+        == 2
+    )
     assert "no checkpoint" in capsys.readouterr().err
     assert cli_main(["plot", str(tmp_path)]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
@@ -310,12 +371,22 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
 
 def test_cli_train_eval_plot(tiny_model, tmp_path, capsys):
     run = tmp_path / "run"
-    args = [f"actor_rollout_ref.model.path={tiny_model}", f"trainer.default_local_dir={run}",
-            "trainer.cold_start_sft=true", "sft.steps=3", "sft.num_examples=16", "sft.batch_size=4",
-            "trainer.total_training_steps=1", "env.num_eval_tasks=4", "data.train_batch_size=2",
-            "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.rollout.response_length=48",
-            "actor_rollout_ref.rollout.max_turn_tokens=8", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
-            "trainer.logger=[console,tensorboard]"]
+    args = [
+        f"actor_rollout_ref.model.path={tiny_model}",
+        f"trainer.default_local_dir={run}",
+        "trainer.cold_start_sft=true",
+        "sft.steps=3",
+        "sft.num_examples=16",
+        "sft.batch_size=4",
+        "trainer.total_training_steps=1",
+        "env.num_eval_tasks=4",
+        "data.train_batch_size=2",
+        "actor_rollout_ref.rollout.n=2",
+        "actor_rollout_ref.rollout.response_length=48",
+        "actor_rollout_ref.rollout.max_turn_tokens=8",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        "trainer.logger=[console,tensorboard]",
+    ]
     assert cli_main(["train", "--preset", "tiny_math_spear", "--quiet", *args]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["step"] == 1 and 0 <= out["val/success"] <= 1
@@ -323,8 +394,63 @@ def test_cli_train_eval_plot(tiny_model, tmp_path, capsys):
     png = Path(out["plot"])
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((run / "tensorboard").iterdir())
-    assert cli_main(["eval", "--preset", "tiny_math_spear", "--model", str(run / "checkpoints" / "step_000001"),
-                     "env.num_eval_tasks=3", "actor_rollout_ref.rollout.response_length=48"]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--preset",
+                "tiny_math_spear",
+                "--model",
+                str(run / "checkpoints" / "step_000001"),
+                "env.num_eval_tasks=3",
+                "actor_rollout_ref.rollout.response_length=48",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["val/success"] >= 0
     assert cli_main(["plot", str(run), "--output", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").is_file()
+
+
+def test_textworld_training_smoke(tmp_path, monkeypatch):
+    pytest.importorskip("textworld", reason="the textworld extra is not installed")
+    monkeypatch.setenv("SPEAR_CACHE", str(tmp_path / "cache"))
+    model = build_tiny_model(
+        tmp_path / "tw-model",
+        "textworld",
+        corpus_episodes=2,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+    )
+    cfg = load_config(
+        preset="tiny_textworld_spear",
+        overrides=[
+            f"actor_rollout_ref.model.path={model}",
+            f"trainer.default_local_dir={tmp_path / 'run'}",
+            "trainer.cold_start_sft=true",
+            "sft.steps=2",
+            "sft.num_examples=4",
+            "sft.batch_size=2",
+            "trainer.total_training_steps=1",
+            "trainer.logger=[]",
+            "env.num_train_tasks=2",
+            "env.eval_seed=0",
+            "env.num_eval_tasks=2",
+            "data.train_batch_size=2",
+            "actor_rollout_ref.rollout.n=2",
+            "actor_rollout_ref.rollout.max_turns=2",
+            "actor_rollout_ref.rollout.max_turn_tokens=6",
+            "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+            "algorithm.filter_incomplete_responses=false",
+        ],
+    )
+    trainer = Trainer(cfg, progress=False)
+    trainer.fit()
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [0, 1]
+    assert records[1]["train/turns"] >= 1
+    assert len(list((tmp_path / "cache" / "textworld").rglob("*.z8"))) == 2  # only the two training games

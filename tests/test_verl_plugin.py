@@ -153,8 +153,11 @@ def _ppo_loss_inputs(global_info: bool):
         attn[i, p - plen[i] : p] = 1
         attn[i, p : p + rlen[i]] = 1
     nnz = int(attn.sum())
-    info = {"dp_size": 2, "batch_num_tokens": 40, "global_batch_size": 8} if global_info else {
-        "dp_size": 1, "batch_num_tokens": None, "global_batch_size": None}
+    info = (
+        {"dp_size": 2, "batch_num_tokens": 40, "global_batch_size": 8}
+        if global_info
+        else {"dp_size": 1, "batch_num_tokens": None, "global_batch_size": None}
+    )
     td = tu.get_tensordict(
         {
             "prompts": torch.zeros(b, p, dtype=torch.long),
@@ -184,8 +187,14 @@ def test_losses_through_verls_ppo_loss_with_an_actor_config(mode, agg, global_in
         log_probs.requires_grad_(True)
         entropy.requires_grad_(True)
         cfg = FSDPActorConfig(
-            strategy="fsdp", rollout_n=1, ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=4,
-            use_torch_compile=False, loss_agg_mode=agg, entropy_coeff=0.01, clip_ratio_high=0.28,
+            strategy="fsdp",
+            rollout_n=1,
+            ppo_mini_batch_size=4,
+            ppo_micro_batch_size_per_gpu=4,
+            use_torch_compile=False,
+            loss_agg_mode=agg,
+            entropy_coeff=0.01,
+            clip_ratio_high=0.28,
             policy_loss=PolicyLossConfig(loss_mode=name, clip_cov_ratio=0.2, clip_cov_lb=-5.0, clip_cov_ub=5.0),
         )
         loss, metrics = ppo_loss(cfg, {"log_probs": log_probs, "entropy": entropy}, td)

@@ -1,8 +1,8 @@
 """Multi-turn text environments: the protocol (:class:`TextEnv`) and the built-in environments.
 
-    env = spear.envs.make_env("math", max_turns=6)
-    prompt = env.reset(seed=0)
-    result = env.step("<tool>37+48</tool>")  # StepResult(observation="<obs>85</obs>\\n", reward=0.0, ...)
+env = spear.envs.make_env("math", max_turns=6)
+prompt = env.reset(seed=0)
+result = env.step("<tool>37+48</tool>")  # StepResult(observation="<obs>85</obs>\\n", reward=0.0, ...)
 """
 
 from __future__ import annotations

@@ -100,8 +100,9 @@ class TextWorldEnv:
         path = game_path(seed, *self.settings)
         if self._env is None or self._env_path != path:
             self.close()
-            infos = textworld.EnvInfos(admissible_commands=True, won=True, lost=True, policy_commands=True,
-                                       objective=True, description=True)
+            infos = textworld.EnvInfos(
+                admissible_commands=True, won=True, lost=True, policy_commands=True, objective=True, description=True
+            )
             with warnings.catch_warnings():  # jericho: "not fully supported" (scores come from TextWorld itself)
                 warnings.simplefilter("ignore")
                 self._env = textworld.start(str(path), request_infos=infos)
