@@ -199,3 +199,33 @@ def test_hydra_config_composes_with_verls_ppo_trainer():
     assert "max_response_length" in cfg.data  # verl's own sections are all there
     spear = load_config(OmegaConf.to_container(cfg.spear, resolve=True))
     assert spear.algorithm.max_toolcall_steps == 50 and spear.actor_rollout_ref.actor.enable_trajectory_replay
+
+
+def test_gigpo_advantages_hook_uses_the_per_step_layout():
+    from spear.advantages import gigpo_advantages
+
+    batch = make_batch(rewards=(0, 1, 0, 0, 1, 0, 0, 0))
+    # rows are turns: trajectories t0 (rows 0-1), t1 (2-3) in group p0; t2 (4-5), t3 (6-7) in group p1
+    batch.non_tensor_batch["traj_uid"] = np.array(["t0", "t0", "t1", "t1", "t2", "t2", "t3", "t3"], dtype=object)
+    batch.non_tensor_batch["step_index"] = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    batch.non_tensor_batch["anchor_obs"] = np.array(
+        ["start", "room", "start", "hall", "s", "x", "s", "x"], dtype=object
+    )
+    cfg = load_config(overrides=["algorithm.adv_estimator=gigpo", "algorithm.gigpo_mode=mean_norm"])
+    hooks.compute_advantages(batch, cfg)
+    nt = batch.non_tensor_batch
+    expected = gigpo_advantages(
+        batch.batch["token_level_rewards"].sum(-1),
+        list(nt["uid"]),
+        list(nt["traj_uid"]),
+        torch.as_tensor(nt["step_index"]),
+        list(nt["anchor_obs"]),
+        mode="mean_norm",
+    )
+    assert expected.abs().sum() > 0
+    assert_close(
+        "advantages", batch.batch["advantages"], expected[:, None] * batch.batch["response_mask"], atol=0, rtol=0
+    )
+    del batch.non_tensor_batch["anchor_obs"]
+    with pytest.raises(ValueError, match="anchor_obs"):
+        hooks.compute_advantages(batch, cfg)

@@ -4,7 +4,7 @@ Each one reads the keys verl's trainer puts in a batch (``responses``, ``respons
 ``token_level_scores`` / ``token_level_rewards``, ``old_log_probs``, non-tensor ``uid``) and calls the
 algorithm layer (``spear.rewards``, ``spear.filters``, ``spear.advantages``, ``spear.replay``); none of
 the logic is repeated here. Optional non-tensor keys an agent loop may add: ``tool_call_turns`` (int per
-response) and ``incomplete`` (bool per response).
+response) and ``incomplete`` (bool per response); for GiGPO, ``traj_uid``, ``step_index`` and ``anchor_obs``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from verl import DataProto
 
 from .. import filters, rewards
-from ..advantages import grpo_advantages
+from ..advantages import gigpo_advantages, grpo_advantages
 from ..config import SpearConfig
 from ..replay import TrajectoryReplayBuffer
 from ..schedules import replay_loss_weight, toolcall_reward_factor
@@ -87,14 +87,40 @@ def apply_rollout_filter(batch: DataProto, cfg: SpearConfig) -> dict[str, float]
     return stats
 
 
+GIGPO_KEYS = ("traj_uid", "step_index", "anchor_obs")
+
+
 def compute_advantages(batch: DataProto, cfg: SpearConfig) -> None:
-    """GRPO / Dr.GRPO advantages and returns from the (bonus-added) rewards, over the (filtered) mask."""
-    adv = grpo_advantages(
-        batch.batch[_rewards_key(batch)],
-        batch.batch["response_mask"],
-        batch.non_tensor_batch["uid"],
-        norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo,
-    )
+    """Advantages and returns from the (bonus-added) rewards, over the (filtered) mask.
+
+    ``algorithm.adv_estimator: grpo`` -> GRPO / Dr.GRPO per ``uid`` group. ``gigpo`` expects verl-agent's
+    per-step layout: each row is one turn of a trajectory, with non-tensor ``traj_uid`` (the trajectory),
+    ``step_index`` (the turn number) and ``anchor_obs`` (the observation the turn acted on, hashable); the
+    turn's reward is the sum of its token rewards and its advantage covers its response tokens.
+    """
+    alg = cfg.algorithm
+    rewards_ = batch.batch[_rewards_key(batch)]
+    mask = batch.batch["response_mask"]
+    if alg.adv_estimator == "gigpo":
+        missing = [k for k in GIGPO_KEYS if k not in batch.non_tensor_batch]
+        if missing:
+            raise ValueError(f"adv_estimator=gigpo needs the non-tensor keys {missing} in the batch (one row per turn)")
+        nt = batch.non_tensor_batch
+        step_adv = gigpo_advantages(
+            rewards_.sum(-1).float().cpu(),
+            list(nt["uid"]),
+            list(nt["traj_uid"]),
+            torch.as_tensor(np.asarray(nt["step_index"], dtype=np.int64)),
+            [a.item() if isinstance(a, np.generic) else a for a in nt["anchor_obs"]],
+            gamma=alg.gamma,
+            step_advantage_w=alg.step_advantage_w,
+            mode=alg.gigpo_mode,
+        )
+        adv = step_adv.to(mask.device, mask.dtype)[:, None] * mask
+    else:
+        adv = grpo_advantages(
+            rewards_, mask, batch.non_tensor_batch["uid"], norm_adv_by_std_in_grpo=alg.norm_adv_by_std_in_grpo
+        )
     batch.batch["advantages"] = adv
     batch.batch["returns"] = adv
 
