@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, ModelLoadError, FileNotFoundError, ImportError, ValueError) as err:
         print(f"spear {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
