@@ -35,7 +35,7 @@ import torch
 import spear_kernels as sk
 
 from .advantages import gigpo_advantages
-from .config import SpearConfig, to_dict
+from .config import ConfigError, SpearConfig, to_dict
 from .envs import make_env
 from .filters import apply_response_filters, overlong, repetitive, rollout_std_filter, unreadable
 from .losses import actor_loss
@@ -329,6 +329,12 @@ class Trainer:
         self.run_dir = Path(cfg.trainer.default_local_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         _set_threads(cfg)
+        ratio, groups = cfg.actor_rollout_ref.rollout.rollout_filter_ratio, cfg.data.train_batch_size
+        if ratio < 1 and int(ratio * groups) == 0:
+            raise ConfigError(
+                f"actor_rollout_ref.rollout.rollout_filter_ratio={ratio} keeps int({ratio} * {groups}) = 0 of the "
+                f"data.train_batch_size={groups} groups: no step would train; raise either"
+            )
         seed = cfg.trainer.seed
         resume_from = None
         if resume:
@@ -504,16 +510,21 @@ class Trainer:
         return adv * loss_mask
 
     def _update(self, batch: dict, *, replay: bool, weight: float = 1.0, step_optimizer: bool = True) -> dict:
-        """PPO-style epochs over mini-batches (one optimizer step each) of micro-batches (gradient accumulation)."""
+        """PPO-style epochs over mini-batches (one optimizer step each) of micro-batches (gradient accumulation).
+
+        ``step_optimizer=False`` (``replay_update: mixed``): one pass over the whole batch as a single mini-batch,
+        accumulating gradients for an optimizer step taken by the caller.
+        """
         a = self.cfg.actor_rollout_ref.actor
         n = batch["responses"].shape[0]
         loss_mask = batch["response_mask"]
         suffix = "_replay" if replay else ""
         records, grad_norms, skipped = [], [], 0
-        for _ in range(a.ppo_epochs):
+        epochs, mini_size = (a.ppo_epochs, a.ppo_mini_batch_size) if step_optimizer else (1, max(n, 1))
+        for _ in range(epochs):
             order = torch.randperm(n, generator=self.shuffle_gen)
-            for m0 in range(0, n, a.ppo_mini_batch_size):
-                mini = order[m0 : m0 + a.ppo_mini_batch_size]
+            for m0 in range(0, n, mini_size):
+                mini = order[m0 : m0 + mini_size]
                 if float(loss_mask[mini].sum()) == 0:
                     continue
                 info = {
@@ -630,12 +641,15 @@ class Trainer:
         if a.enable_trajectory_replay:
             metrics["replay/dropped_stale"] = float(self.buffer.drop_stale(step))
             replay_batch = self._replay_batch(step, metrics)
+        one_step = mixed and replay_batch is not None  # on-policy and replay gradients share one optimizer step
+        if one_step:
+            self.optimizer.zero_grad(set_to_none=True)
         if len(episodes):
-            metrics.update(self._update(batch, replay=False, step_optimizer=not (mixed and replay_batch)))
+            metrics.update(self._update(batch, replay=False, step_optimizer=not one_step))
         if replay_batch is not None:
             w = replay_loss_weight(step, a.replay_loss_coef, a.max_replay_loss_steps)
             metrics["replay/weight"] = w
-            if mixed:  # the replay gradient joins the on-policy gradient in one optimizer step
+            if one_step:
                 metrics.update(self._update(replay_batch, replay=True, weight=w, step_optimizer=False))
                 gn, ok = self._optimizer_step()
                 metrics["actor/grad_norm"] = gn
