@@ -31,8 +31,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
 
-def _load(args, extra: list[str] | None = None):
-    return load_config(args.config, preset=args.preset, overrides=list(args.overrides) + list(extra or []))
+def _load(args):
+    return load_config(args.config, preset=args.preset, overrides=args.overrides)
 
 
 def _quiet_transformers() -> None:
@@ -101,7 +101,7 @@ def cmd_compare(args) -> int:
     """GRPO, Dr.BoT and SPEAR from one cold-start SFT model, same environment and seeds; prints a success table."""
     from .models import default_model_path, load_policy
     from .plot import success_table
-    from .trainer import Trainer, evaluate, read_metrics, run_sft, sft_is_current
+    from .trainer import Trainer, evaluate, latest_checkpoint, read_metrics, run_sft, sft_is_current
 
     out = Path(args.output or f"runs/compare_{args.env}")
     presets = {m: f"tiny_{args.env}_{m}" for m in COMPARE_METHODS}
@@ -129,9 +129,7 @@ def cmd_compare(args) -> int:
             if args.steps:
                 extra.append(f"trainer.total_training_steps={args.steps}")
             cfg = load_config(preset=preset, overrides=list(args.overrides) + extra)
-            probe = Trainer.__new__(Trainer)
-            probe.ckpt_dir = run_dir / "checkpoints"
-            latest = probe.latest_checkpoint()
+            latest = latest_checkpoint(run_dir)
             done = latest is not None and latest.name == f"step_{cfg.trainer.total_training_steps:06d}"
             if not done:
                 if not args.quiet:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,42 +18,22 @@ from typing import Any
 import torch
 
 from .envs import make_env
+from .envs.base import cache_dir
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 TAGS = ("<tool>", "</tool>", "<obs>", "</obs>", "<answer>", "</answer>", "<action>", "</action>")
 TINY_MODEL_VERSION = 1
-DEFAULT_SIZES: dict[str, dict[str, int]] = {
-    # hidden, layers, heads, kv heads, MLP width, BPE vocabulary, positions
-    "math": dict(
-        hidden_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=384,
-        vocab_size=320,
-        max_position_embeddings=512,
-    ),
-    "textworld": dict(
-        hidden_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=384,
-        vocab_size=1536,
-        max_position_embeddings=2048,
-    ),
+_TINY = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=384)
+DEFAULT_SIZES: dict[str, dict[str, int]] = {  # the model, the BPE vocabulary and the context of each environment
+    "math": {**_TINY, "vocab_size": 320, "max_position_embeddings": 512},
+    "textworld": {**_TINY, "vocab_size": 1536, "max_position_embeddings": 2048},
 }
-
 
 CORPUS_EPISODES = {"math": 2000, "textworld": 32}
 
 
 class ModelLoadError(ValueError):
     """The model path does not hold a loadable Hugging Face causal LM and tokenizer."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPEAR_CACHE", Path.home() / ".cache" / "spear"))
 
 
 def expert_transcripts(
@@ -148,8 +129,6 @@ def default_model_path(env_name: str) -> Path:
         if not (path / "spear_model.json").is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.exists():
-                import shutil
-
                 shutil.rmtree(path)
             os.replace(tmp, path)
     return path

@@ -37,7 +37,6 @@ class Episode:
     won: bool = False
     tool_turns: int = 0
     complete: bool = False  # the environment's ``complete`` flag (False: Dr.BoT's incomplete filter applies)
-    last_turn_valid: bool = False
     truncated: bool = False  # stopped by the response-length budget
     text: str = ""  # the decoded response (turns and observations)
     done: bool = False
@@ -200,7 +199,6 @@ def rollout(
             result = env.step(tokenizer.decode(new, skip_special_tokens=False))
             ep.turn_rewards.append(float(result.reward))
             ep.tool_turns += int(bool(result.info.get("tool_call", False)))
-            ep.last_turn_valid = bool(result.info.get("valid", False))
             if result.done:
                 ep.done, ep.won = True, bool(result.info.get("won", False))
                 ep.complete = bool(result.info.get("complete", False))

@@ -127,9 +127,8 @@ def expert_episodes(cfg: SpearConfig, tokenizer, count: int) -> list[Episode]:
     seeds = [i % k for i in range(count)] if k else list(range(count))
     unique = sorted(set(seeds))
     by_seed = dict(zip(unique, expert_transcripts(cfg.env.name, unique, env_kwargs(cfg)), strict=True))
-    episodes = []
-    for seed in seeds:
-        pieces = by_seed[seed]
+    tokenized = {}
+    for seed, pieces in by_seed.items():  # once per distinct task; repeated seeds share the episode
         ep = Episode(seed=seed, uid=seed, prompt_ids=tokenizer.encode(pieces[0][0], add_special_tokens=False))
         for text, is_assistant in pieces[1:]:
             ids = tokenizer.encode(text, add_special_tokens=False)
@@ -141,8 +140,8 @@ def expert_episodes(cfg: SpearConfig, tokenizer, count: int) -> list[Episode]:
                 f"expert episode of seed {seed} does not fit data.max_prompt_length / rollout.response_length "
                 f"({len(ep.prompt_ids)} / {len(ep.response_ids)} tokens)"
             )
-        episodes.append(ep)
-    return episodes
+        tokenized[seed] = ep
+    return [tokenized[seed] for seed in seeds]
 
 
 def run_sft(
@@ -298,6 +297,16 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint ``<run_dir>/checkpoints/latest`` points to, or None."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    pointer = ckpt_dir / "latest"
+    if not pointer.is_file():
+        return None
+    path = ckpt_dir / pointer.read_text().strip()
+    return path if (path / STATE_FILE).is_file() else None
+
+
 def _set_threads(cfg: SpearConfig) -> None:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -397,11 +406,7 @@ class Trainer:
     # -- checkpoints --
 
     def latest_checkpoint(self) -> Path | None:
-        pointer = self.ckpt_dir / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.ckpt_dir / pointer.read_text().strip()
-        return path if (path / STATE_FILE).is_file() else None
+        return latest_checkpoint(self.run_dir)
 
     def save_checkpoint(self) -> Path:
         """Model + tokenizer (HF format), optimizer, RNG states and replay buffer at the current step."""
@@ -476,12 +481,11 @@ class Trainer:
         ]
         return torch.cat(out) if out else torch.zeros_like(batch["response_mask"])
 
-    def _token_advantages(self, batch, episodes, token_rewards, loss_mask, uids) -> torch.Tensor:
+    def _token_advantages(self, episodes, token_rewards, loss_mask, uids, group_adv) -> torch.Tensor:
+        """``[B, L]`` advantages; ``group_adv [B]`` is the GRPO advantage of each trajectory's score."""
         alg = self.cfg.algorithm
         if alg.adv_estimator == "grpo":
-            scores = token_rewards.sum(-1)
-            adv = sk.group_advantages(scores, uids, norm_by_std=alg.norm_adv_by_std_in_grpo)
-            return adv[:, None] * loss_mask
+            return group_adv[:, None] * loss_mask
         # GiGPO: one sample per assistant turn; the turn's advantage covers its tokens
         step_rewards, groups, trajs, index, anchors, spans = [], [], [], [], [], []
         bonus = token_rewards.sum(-1) - torch.tensor([ep.reward for ep in episodes])
@@ -634,7 +638,9 @@ class Trainer:
         if self.ref_model is not None:
             batch["ref_log_probs"] = self._logprobs_no_grad(self.ref_model, batch)
         # 5. advantages
-        batch["advantages"] = self._token_advantages(batch, episodes, token_rewards, batch["response_mask"], uids)
+        # the GRPO advantage of each trajectory: the token advantages (grpo) and the buffer's admission score
+        group_adv = sk.group_advantages(scores, uids, norm_by_std=alg.norm_adv_by_std_in_grpo)
+        batch["advantages"] = self._token_advantages(episodes, token_rewards, batch["response_mask"], uids, group_adv)
         # 6. on-policy update; 7. replay
         mixed = a.replay_update == "mixed"
         replay_batch = None
@@ -658,10 +664,9 @@ class Trainer:
                 metrics.update(self._update(replay_batch, replay=True, weight=w))
         # 8. admission (after the update: replay at t uses data <= t - 1)
         if a.enable_trajectory_replay and len(episodes):
-            scalar_adv = sk.group_advantages(scores, uids, norm_by_std=alg.norm_adv_by_std_in_grpo)
             tensors = {k: batch[k] for k in REPLAY_KEYS}
             metrics["replay/admitted"] = float(
-                self.buffer.add(step, tensors, scores, scalar_adv, uids, batch["response_mask"])
+                self.buffer.add(step, tensors, scores, group_adv, uids, batch["response_mask"])
             )
             metrics["replay/buffer_size"] = float(len(self.buffer))
             metrics["replay/events"] = float(self.buffer.replay_events)

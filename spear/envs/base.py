@@ -8,8 +8,10 @@ stop strings that end an assistant turn (the closing tags of their actions).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -42,6 +44,11 @@ class TextEnv(Protocol):
     def expert_turns(self) -> list[str]:
         """The expert's assistant turns for the current episode (call right after ``reset``)."""
         ...
+
+
+def cache_dir() -> Path:
+    """Where generated data and built models are cached: ``$SPEAR_CACHE``, default ``~/.cache/spear``."""
+    return Path(os.environ.get("SPEAR_CACHE", Path.home() / ".cache" / "spear"))
 
 
 def extract_tag(text: str, tag: str) -> str | None:

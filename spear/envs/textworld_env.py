@@ -17,11 +17,7 @@ import re
 import warnings
 from pathlib import Path
 
-from .base import StepResult, extract_tag
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPEAR_CACHE", Path.home() / ".cache" / "spear"))
+from .base import StepResult, cache_dir, extract_tag
 
 
 def _require_textworld():
