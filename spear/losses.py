@@ -144,7 +144,8 @@ def actor_loss(
     generator: torch.Generator | None = None,
     global_batch_info: dict | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Policy loss - ``entropy_coeff`` * aggregated entropy + ``kl_loss_coef`` * aggregated KL (``use_kl_loss``)."""
+    """Policy loss - ``entropy_coeff`` * aggregated entropy + ``kl_loss_coef`` * aggregated KL (``use_kl_loss``,
+    on-policy only: ``replay=True`` has no KL term, as in the reference implementation)."""
     loss, metrics = compute_policy_loss(
         log_prob,
         old_log_prob,
@@ -163,7 +164,7 @@ def actor_loss(
         metrics[f"entropy{suffix}"] = float(ent.detach())
         if actor.entropy_coeff != 0:
             loss = loss - actor.entropy_coeff * ent
-    if actor.use_kl_loss:
+    if actor.use_kl_loss and not replay:  # replay is off-policy data by design: no KL term there (reference)
         if ref_log_prob is None:
             raise ValueError("use_kl_loss is on but no reference log-probs were given")
         kl = agg_loss(

@@ -22,7 +22,7 @@ from .envs.base import cache_dir
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 TAGS = ("<tool>", "</tool>", "<obs>", "</obs>", "<answer>", "</answer>", "<action>", "</action>")
-TINY_MODEL_VERSION = 1
+TINY_MODEL_VERSION = 2  # 2: the tokenizer has a chat template (verl's data pipeline needs one)
 _TINY = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=384)
 DEFAULT_SIZES: dict[str, dict[str, int]] = {  # the model, the BPE vocabulary and the context of each environment
     "math": {**_TINY, "vocab_size": 320, "max_position_embeddings": 512},
@@ -30,6 +30,8 @@ DEFAULT_SIZES: dict[str, dict[str, int]] = {  # the model, the BPE vocabulary an
 }
 
 CORPUS_EPISODES = {"math": 2000, "textworld": 32}
+# The environments' transcripts are plain text: a "chat" is its messages' contents, concatenated.
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
 class ModelLoadError(ValueError):
@@ -76,7 +78,9 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int):
     )
     tok.train_from_iterator(corpus, trainer)
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in TAGS])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, padding_side="left")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, padding_side="left")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def build_tiny_model(

@@ -42,7 +42,7 @@ class Episode:
     done: bool = False
 
 
-def _stop_ids(tokenizer, stop_strings: Sequence[str]) -> tuple[set[int], tuple[str, ...]]:
+def stop_tokens(tokenizer, stop_strings: Sequence[str]) -> tuple[set[int], tuple[str, ...]]:
     """Stop strings that are single tokens are matched by id; the rest by decoded text."""
     ids, texts = set(), []
     for s in stop_strings:
@@ -85,8 +85,13 @@ def generate_turn(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    logprobs: list[list[float]] | None = None,
 ) -> list[list[int]]:
-    """Continues every context by one assistant turn; returns the new token ids per row (stop token included)."""
+    """Continues every context by one assistant turn; returns the new token ids per row (stop token included).
+
+    ``logprobs``: an empty list to fill with each row's sampled-token log-probs under ``softmax(logits / T)``
+    (``T = 1`` for greedy decoding), as rollout engines report them.
+    """
     from transformers import DynamicCache
 
     b = len(contexts)
@@ -102,17 +107,25 @@ def generate_turn(
         input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
     )
     new: list[list[int]] = [[] for _ in range(b)]
+    if logprobs is not None:
+        logprobs[:] = [[] for _ in range(b)]
     finished = torch.tensor([m <= 0 for m in max_new_tokens])
     limit = max(max_new_tokens)
     last_pos = pos[:, -1]
     for _ in range(limit):
         if bool(finished.all()):
             break
-        tok = sample_next(out.logits[:, -1, :], temperature, top_p, generator)
+        step_logits = out.logits[:, -1, :]
+        tok = sample_next(step_logits, temperature, top_p, generator)
         tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
+        if logprobs is not None:
+            scaled = step_logits.float() / (temperature if temperature > 0 else 1.0)
+            tok_lp = (scaled.gather(-1, tok[:, None]).squeeze(-1) - scaled.logsumexp(-1)).tolist()
         for i in torch.nonzero(~finished).squeeze(1).tolist():
             t = int(tok[i])
             new[i].append(t)
+            if logprobs is not None:
+                logprobs[i].append(tok_lp[i])
             if (
                 t in stop_ids
                 or len(new[i]) >= max_new_tokens[i]
@@ -131,6 +144,70 @@ def generate_turn(
             use_cache=True,
         )
     return new
+
+
+def start_episode(env, seed: int, uid: Any, tokenizer, max_prompt_length: int) -> Episode:
+    """Resets ``env`` to task ``seed`` and returns the episode holding its tokenised prompt."""
+    prompt = env.reset(int(seed))
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    if len(ids) > max_prompt_length:
+        raise ValueError(
+            f"the prompt of seed {seed} has {len(ids)} tokens > data.max_prompt_length={max_prompt_length}"
+        )
+    ep = Episode(seed=int(seed), uid=uid, prompt_ids=ids)
+    ep.turn_obs.append(prompt)
+    return ep
+
+
+def turn_budget(ep: Episode, *, max_turn_tokens: int, response_length: int) -> int:
+    """How many tokens the next assistant turn of ``ep`` may generate."""
+    return min(max_turn_tokens, response_length - len(ep.response_ids))
+
+
+def apply_turn(
+    ep: Episode,
+    env,
+    new: list[int],
+    tokenizer,
+    *,
+    response_length: int,
+    max_turns: int,
+    fail_reward: float = 0.0,
+) -> None:
+    """Appends one generated assistant turn to ``ep``, steps ``env`` with its text and appends the environment's
+    reply (``response_mask = 0``); marks the episode done when the environment ends it, after ``max_turns``
+    turns, or when the reply does not fit in ``response_length`` (``truncated``, reward ``fail_reward``)."""
+    start = len(ep.response_ids)
+    ep.response_ids += new
+    ep.response_mask += [1] * len(new)
+    ep.turn_spans.append((start, start + len(new)))
+    result = env.step(tokenizer.decode(new, skip_special_tokens=False))
+    ep.turn_rewards.append(float(result.reward))
+    ep.tool_turns += int(bool(result.info.get("tool_call", False)))
+    if result.done:
+        ep.done, ep.won = True, bool(result.info.get("won", False))
+        ep.complete = bool(result.info.get("complete", False))
+        return
+    obs = tokenizer.encode(result.observation, add_special_tokens=False)
+    room = response_length - len(ep.response_ids)
+    if len(obs) >= room or len(ep.turn_spans) >= max_turns:
+        # out of budget: the episode is cut here, without an outcome
+        ep.response_ids += obs[:room]
+        ep.response_mask += [0] * min(len(obs), room)
+        ep.done, ep.truncated = True, len(obs) >= room
+        ep.turn_rewards[-1] = fail_reward
+        return
+    ep.response_ids += obs
+    ep.response_mask += [0] * len(obs)
+    ep.turn_obs.append(result.observation)
+
+
+def finish_episode(ep: Episode, tokenizer) -> Episode:
+    """The episode's reward (sum of its turn rewards) and decoded text."""
+    ep.done = True
+    ep.reward = float(sum(ep.turn_rewards))
+    ep.text = tokenizer.decode(ep.response_ids, skip_special_tokens=False)
+    return ep
 
 
 def rollout(
@@ -153,7 +230,8 @@ def rollout(
 
     An episode ends when the environment says done, after ``max_turns`` assistant turns, or when the
     response (turns and observations) reaches ``response_length`` tokens (``truncated``; reward
-    ``fail_reward``). A prompt longer than ``max_prompt_length`` tokens is an error.
+    ``fail_reward``). A prompt longer than ``max_prompt_length`` tokens is an error. The per-episode steps
+    (:func:`start_episode`, :func:`apply_turn`, :func:`finish_episode`) are the ones verl's agent loop runs.
     """
     if len(envs) != len(seeds):
         raise ValueError("one seed per environment is needed")
@@ -161,23 +239,18 @@ def rollout(
     model.eval()
     uids = list(uids) if uids is not None else list(range(len(envs)))
     pad_id = tokenizer.pad_token_id
-    stop_ids, stop_texts = _stop_ids(tokenizer, envs[0].stop_strings)
-    episodes = []
-    for env, seed, uid in zip(envs, seeds, uids, strict=True):
-        prompt = env.reset(int(seed))
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
-        if len(ids) > max_prompt_length:
-            raise ValueError(
-                f"the prompt of seed {seed} has {len(ids)} tokens > data.max_prompt_length={max_prompt_length}"
-            )
-        ep = Episode(seed=int(seed), uid=uid, prompt_ids=ids)
-        ep.turn_obs.append(prompt)
-        episodes.append(ep)
+    stop_ids, stop_texts = stop_tokens(tokenizer, envs[0].stop_strings)
+    episodes = [
+        start_episode(env, seed, uid, tokenizer, max_prompt_length)
+        for env, seed, uid in zip(envs, seeds, uids, strict=True)
+    ]
     for _turn in range(max_turns):
         active = [i for i, ep in enumerate(episodes) if not ep.done]
         if not active:
             break
-        budgets = [min(max_turn_tokens, response_length - len(episodes[i].response_ids)) for i in active]
+        budgets = [
+            turn_budget(episodes[i], max_turn_tokens=max_turn_tokens, response_length=response_length) for i in active
+        ]
         turns = generate_turn(
             model,
             [episodes[i].prompt_ids + episodes[i].response_ids for i in active],
@@ -191,33 +264,17 @@ def rollout(
             generator=generator,
         )
         for i, new in zip(active, turns, strict=True):
-            ep, env = episodes[i], envs[i]
-            start = len(ep.response_ids)
-            ep.response_ids += new
-            ep.response_mask += [1] * len(new)
-            ep.turn_spans.append((start, start + len(new)))
-            result = env.step(tokenizer.decode(new, skip_special_tokens=False))
-            ep.turn_rewards.append(float(result.reward))
-            ep.tool_turns += int(bool(result.info.get("tool_call", False)))
-            if result.done:
-                ep.done, ep.won = True, bool(result.info.get("won", False))
-                ep.complete = bool(result.info.get("complete", False))
-                continue
-            obs = tokenizer.encode(result.observation, add_special_tokens=False)
-            room = response_length - len(ep.response_ids)
-            if len(obs) >= room or len(ep.turn_spans) >= max_turns:
-                # out of budget: the episode is cut here, without an outcome
-                ep.response_ids += obs[:room]
-                ep.response_mask += [0] * min(len(obs), room)
-                ep.done, ep.truncated = True, len(obs) >= room
-                ep.turn_rewards[-1] = fail_reward
-                continue
-            ep.response_ids += obs
-            ep.response_mask += [0] * len(obs)
-            ep.turn_obs.append(result.observation)
+            apply_turn(
+                episodes[i],
+                envs[i],
+                new,
+                tokenizer,
+                response_length=response_length,
+                max_turns=max_turns,
+                fail_reward=fail_reward,
+            )
     for ep in episodes:
-        ep.reward = float(sum(ep.turn_rewards))
-        ep.text = tokenizer.decode(ep.response_ids, skip_special_tokens=False)
+        finish_episode(ep, tokenizer)
     model.train(was_training)
     return episodes
 

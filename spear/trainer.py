@@ -32,22 +32,15 @@ from typing import Any
 
 import torch
 
-import spear_kernels as sk
-
-from .advantages import gigpo_advantages
-from .config import ConfigError, SpearConfig, to_dict
+from .config import SpearConfig, to_dict
 from .envs import make_env
-from .filters import apply_response_filters, overlong, repetitive, rollout_std_filter, unreadable
-from .losses import actor_loss
 from .models import default_model_path, expert_transcripts, load_policy
-from .replay import TrajectoryReplayBuffer
-from .rewards import add_to_last_token, toolcall_bonus
 from .rollout import Episode, collate, response_logprobs, rollout
-from .schedules import replay_loss_weight, toolcall_reward_factor
+from .step import SpearStep, StepBatch, check_update_config, minibatches, normalisers, update_loss
 
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_VERSION = 1
-REPLAY_KEYS = ("prompts", "prompt_mask", "responses", "response_attn", "response_mask", "old_log_probs")
+UPDATE_KEYS = ("old_log_probs", "advantages", "response_mask", "ref_log_probs")
 TIMING_PREFIXES = ("time/", "perf/")  # wall-clock metrics: the only ones that differ between identical runs
 
 
@@ -116,6 +109,28 @@ def evaluate(model, tokenizer, cfg: SpearConfig, envs=None, *, batch_size: int =
             generator=generator,
         )
     return summarize(episodes, "val")
+
+
+def step_batch_of(episodes: Sequence[Episode], tensors: dict[str, torch.Tensor]) -> StepBatch:
+    """The slim trainer's episodes (and their collated tensors) as the shared step's :class:`StepBatch`."""
+    return StepBatch(
+        tensors=tensors,
+        uids=[ep.uid for ep in episodes],
+        outcome=torch.tensor([ep.reward for ep in episodes], dtype=torch.float32),
+        tool_turns=torch.tensor([ep.tool_turns for ep in episodes], dtype=torch.long),
+        incomplete=torch.tensor([not ep.complete for ep in episodes], dtype=torch.bool),
+        truncated=torch.tensor([ep.truncated for ep in episodes], dtype=torch.bool),
+        texts=[ep.text for ep in episodes],
+        turns=[turns_of(ep.turn_spans, ep.turn_obs, ep.turn_rewards) for ep in episodes],
+    )
+
+
+def turns_of(spans, observations, rewards) -> list:
+    """GiGPO's turn layout of one trajectory: ``(start, end, step_index, observation acted on, reward)``."""
+    return [
+        (int(s), int(e), j, observations[j] if j < len(observations) else "", float(rewards[j]))
+        for j, (s, e) in enumerate(spans)
+    ]
 
 
 # ---- cold-start SFT -----------------------------------------------------------------------------
@@ -338,12 +353,7 @@ class Trainer:
         self.run_dir = Path(cfg.trainer.default_local_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         _set_threads(cfg)
-        ratio, groups = cfg.actor_rollout_ref.rollout.rollout_filter_ratio, cfg.data.train_batch_size
-        if ratio < 1 and int(ratio * groups) == 0:
-            raise ConfigError(
-                f"actor_rollout_ref.rollout.rollout_filter_ratio={ratio} keeps int({ratio} * {groups}) = 0 of the "
-                f"data.train_batch_size={groups} groups: no step would train; raise either"
-            )
+        check_update_config(cfg)
         seed = cfg.trainer.seed
         resume_from = None
         if resume:
@@ -373,7 +383,7 @@ class Trainer:
         self.rollout_gen = torch.Generator().manual_seed(seed)
         self.loss_gen = torch.Generator().manual_seed(seed + 1)
         self.shuffle_gen = torch.Generator().manual_seed(seed + 2)
-        self.buffer = TrajectoryReplayBuffer.from_config(cfg, seed=seed + 3)
+        self.spear = SpearStep(cfg, seed=seed + 3)
         self.step = 0
         self.last_saved = -1
         self.last_eval: dict[str, float] = {}
@@ -386,6 +396,11 @@ class Trainer:
         self.logger = MetricsLogger(
             self.run_dir, cfg.trainer.logger, to_dict(cfg), resume_step=self.step if resume_from is not None else None
         )
+
+    @property
+    def buffer(self):
+        """The self-imitation replay buffer (:class:`spear.replay.TrajectoryReplayBuffer`)."""
+        return self.spear.buffer
 
     # -- setup --
 
@@ -427,7 +442,7 @@ class Trainer:
                 "shuffle": self.shuffle_gen.get_state(),
                 "torch": torch.get_rng_state(),
             },
-            "buffer": self.buffer.state_dict(),
+            "buffer": self.spear.buffer.state_dict(),
             "last_eval": dict(self.last_eval),
             "config": to_dict(self.cfg),
         }
@@ -451,7 +466,7 @@ class Trainer:
         self.loss_gen.set_state(state["rng"]["loss"])
         self.shuffle_gen.set_state(state["rng"]["shuffle"])
         torch.set_rng_state(state["rng"]["torch"])
-        self.buffer.load_state_dict(state["buffer"])
+        self.spear.buffer.load_state_dict(state["buffer"])
         self.last_eval = dict(state.get("last_eval", {}))
         if self.ref_model is not None and "ref_model" in state:
             self.ref_model.load_state_dict(state["ref_model"])
@@ -481,79 +496,36 @@ class Trainer:
         ]
         return torch.cat(out) if out else torch.zeros_like(batch["response_mask"])
 
-    def _token_advantages(self, episodes, token_rewards, loss_mask, uids, group_adv) -> torch.Tensor:
-        """``[B, L]`` advantages; ``group_adv [B]`` is the GRPO advantage of each trajectory's score."""
-        alg = self.cfg.algorithm
-        if alg.adv_estimator == "grpo":
-            return group_adv[:, None] * loss_mask
-        # GiGPO: one sample per assistant turn; the turn's advantage covers its tokens
-        step_rewards, groups, trajs, index, anchors, spans = [], [], [], [], [], []
-        bonus = token_rewards.sum(-1) - torch.tensor([ep.reward for ep in episodes])
-        for i, ep in enumerate(episodes):
-            for j, span in enumerate(ep.turn_spans):
-                last = j == len(ep.turn_spans) - 1
-                step_rewards.append(ep.turn_rewards[j] + (float(bonus[i]) if last else 0.0))
-                groups.append(uids[i])
-                trajs.append(i)
-                index.append(j)
-                anchors.append(ep.turn_obs[j] if j < len(ep.turn_obs) else "")
-                spans.append((i, span))
-        adv_steps = gigpo_advantages(
-            torch.tensor(step_rewards),
-            groups,
-            trajs,
-            torch.tensor(index),
-            anchors,
-            gamma=alg.gamma,
-            step_advantage_w=alg.step_advantage_w,
-            mode=alg.gigpo_mode,
-        )
-        adv = torch.zeros_like(loss_mask)
-        for (i, (start, end)), a in zip(spans, adv_steps.tolist(), strict=True):
-            adv[i, start:end] = a
-        return adv * loss_mask
-
     def _update(self, batch: dict, *, replay: bool, weight: float = 1.0, step_optimizer: bool = True) -> dict:
-        """PPO-style epochs over mini-batches (one optimizer step each) of micro-batches (gradient accumulation).
+        """PPO epochs over mini-batches (one optimizer step each) of micro-batches (gradient accumulation).
 
-        ``step_optimizer=False`` (``replay_update: mixed``): one pass over the whole batch as a single mini-batch,
-        accumulating gradients for an optimizer step taken by the caller.
+        ``batch`` holds only rows with a non-empty loss mask. The partition into mini-batches is
+        :func:`spear.step.minibatches` (the same in every epoch, as in the verl recipe); each mini-batch's loss is
+        normalised by its own tokens / rows (:func:`spear.step.normalisers`). ``step_optimizer=False``
+        (``replay_update: mixed``): one pass over the whole batch as a single mini-batch, accumulating gradients
+        for an optimizer step taken by the caller.
         """
         a = self.cfg.actor_rollout_ref.actor
         n = batch["responses"].shape[0]
-        loss_mask = batch["response_mask"]
         suffix = "_replay" if replay else ""
         records, grad_norms, skipped = [], [], 0
-        epochs, mini_size = (a.ppo_epochs, a.ppo_mini_batch_size) if step_optimizer else (1, max(n, 1))
+        if step_optimizer:
+            epochs, minis = a.ppo_epochs, minibatches(n, a.ppo_mini_batch_size, self.shuffle_gen)
+        else:
+            epochs, minis = 1, [torch.arange(n)]
         for _ in range(epochs):
-            order = torch.randperm(n, generator=self.shuffle_gen)
-            for m0 in range(0, n, mini_size):
-                mini = order[m0 : m0 + mini_size]
-                if float(loss_mask[mini].sum()) == 0:
-                    continue
-                info = {
-                    "batch_num_tokens": loss_mask[mini].sum(),
-                    "global_batch_size": (loss_mask[mini].sum(-1) > 0).sum(),
-                    "loss_scale_factor": float(loss_mask.shape[-1]),
-                }
+            for mini in minis:
+                norms = normalisers(batch["response_mask"], mini)
                 if step_optimizer:
                     self.optimizer.zero_grad(set_to_none=True)
                 for u0 in range(0, len(mini), a.ppo_micro_batch_size):
                     rows = mini[u0 : u0 + a.ppo_micro_batch_size]
                     logp, ent = self._forward(self.model, batch, rows, entropy=True)
-                    loss, metrics = actor_loss(
-                        logp,
-                        ent,
-                        batch["old_log_probs"][rows],
-                        batch["advantages"][rows],
-                        loss_mask[rows],
-                        a,
-                        replay=replay,
-                        ref_log_prob=batch["ref_log_probs"][rows] if "ref_log_probs" in batch else None,
-                        generator=self.loss_gen,
-                        global_batch_info=info,
+                    micro = {k: v[rows] for k, v in batch.items() if k in UPDATE_KEYS}
+                    loss, metrics = update_loss(
+                        self.cfg, logp, ent, micro, replay=replay, weight=weight, norms=norms, generator=self.loss_gen
                     )
-                    (loss * weight).backward()
+                    loss.backward()
                     records.append(metrics)
                 if step_optimizer:
                     gn, ok = self._optimizer_step()
@@ -575,8 +547,9 @@ class Trainer:
         return gn, True
 
     def train_step(self) -> dict[str, float]:
+        """One SPEAR step (:mod:`spear.step`): rollout, then the shared step around this trainer's updates."""
         cfg, step = self.cfg, self.step + 1
-        a, r, alg = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout, cfg.algorithm
+        a, r = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
         t0 = time.perf_counter()
         tasks = self.task_seeds(step)
         seeds = [s for s in tasks for _ in range(r.n)]
@@ -594,82 +567,42 @@ class Trainer:
         )
         t_rollout = time.perf_counter() - t0
         metrics = summarize(episodes, "train")
-        batch = collate(
+        tensors = collate(
             episodes,
             pad_id=self.tokenizer.pad_token_id,
             max_prompt_length=cfg.data.max_prompt_length,
             response_length=r.response_length,
         )
-        mask = batch["response_mask"]
-        # 2. rewards: outcome + tool-call bonus at the last assistant token
-        factor = toolcall_reward_factor(step, alg.use_toolcall_reward, alg.max_toolcall_steps)
-        bonus = toolcall_bonus([ep.tool_turns for ep in episodes], factor, variant=alg.toolcall_reward_variant)
-        outcome = torch.tensor([ep.reward for ep in episodes], dtype=torch.float32)
-        token_rewards = add_to_last_token(torch.zeros_like(mask), mask, outcome + bonus)
-        scores = token_rewards.sum(-1)
-        metrics.update(
-            {"toolcall/factor": factor, "toolcall/bonus_mean": float(bonus.mean()), "train/score": float(scores.mean())}
+        # 2-3, 5: rewards, filters (the std filter removes rows), advantages
+        batch, step_metrics = self.spear.prepare(
+            step_batch_of(episodes, tensors), step, max_response_length=r.response_length
         )
-        # 3. Dr.BoT filters
-        flags = {}
-        if alg.filter_overlong_responses:
-            flags["overlong"] = overlong(batch["response_attn"], r.response_length) | torch.tensor(
-                [ep.truncated for ep in episodes]
-            )
-        if alg.filter_incomplete_responses:
-            flags["incomplete"] = torch.tensor([not ep.complete for ep in episodes])
-        if alg.filter_repetitive_responses:
-            flags["repetitive"] = repetitive(batch["responses"], mask)
-        if alg.filter_unreadable_responses:
-            flags["unreadable"] = unreadable([ep.text for ep in episodes])
-        loss_mask, counts = apply_response_filters(mask, flags)
-        metrics.update({k: float(v) for k, v in counts.items()})
-        keep, fstats = rollout_std_filter(scores, uids, r.rollout_filter_ratio)
-        metrics.update(fstats)
-        rows = torch.nonzero(keep).squeeze(1)
-        episodes = [episodes[i] for i in rows.tolist()]
-        uids = [uids[i] for i in rows.tolist()]
-        batch = {k: v[rows] for k, v in batch.items()}
-        batch["response_mask"] = loss_mask[rows]
-        token_rewards, scores = token_rewards[rows], scores[rows]
-        # 4. old (and reference) log-probs
+        metrics.update(step_metrics)
+        episodes = [episodes[i] for i in batch.index.tolist()]
+        # 4. old (and reference) log-probs of the kept rows
         t1 = time.perf_counter()
-        batch["old_log_probs"] = self._logprobs_no_grad(self.model, batch)
+        rows = batch.tensors
+        rows["old_log_probs"] = self._logprobs_no_grad(self.model, rows)
         if self.ref_model is not None:
-            batch["ref_log_probs"] = self._logprobs_no_grad(self.ref_model, batch)
-        # 5. advantages
-        # the GRPO advantage of each trajectory: the token advantages (grpo) and the buffer's admission score
-        group_adv = sk.group_advantages(scores, uids, norm_by_std=alg.norm_adv_by_std_in_grpo)
-        batch["advantages"] = self._token_advantages(episodes, token_rewards, batch["response_mask"], uids, group_adv)
-        # 6. on-policy update; 7. replay
-        mixed = a.replay_update == "mixed"
-        replay_batch = None
-        if a.enable_trajectory_replay:
-            metrics["replay/dropped_stale"] = float(self.buffer.drop_stale(step))
-            replay_batch = self._replay_batch(step, metrics)
-        one_step = mixed and replay_batch is not None  # on-policy and replay gradients share one optimizer step
+            rows["ref_log_probs"] = self._logprobs_no_grad(self.ref_model, rows)
+        # 6. on-policy update over the rows with a non-empty loss mask; 7. replay
+        replay_rows, weight, replay_metrics = self.spear.replay(step)
+        metrics.update(replay_metrics)
+        train_rows = torch.nonzero(rows["response_mask"].sum(-1) > 0).squeeze(1)
+        on_policy = {k: v[train_rows] for k, v in rows.items()}
+        one_step = a.replay_update == "mixed" and replay_rows is not None  # one optimizer step for both
         if one_step:
             self.optimizer.zero_grad(set_to_none=True)
-        if len(episodes):
-            metrics.update(self._update(batch, replay=False, step_optimizer=not one_step))
-        if replay_batch is not None:
-            w = replay_loss_weight(step, a.replay_loss_coef, a.max_replay_loss_steps)
-            metrics["replay/weight"] = w
+        if len(train_rows):
+            metrics.update(self._update(on_policy, replay=False, step_optimizer=not one_step))
+        if replay_rows is not None:
+            metrics.update(self._update(replay_rows, replay=True, weight=weight, step_optimizer=not one_step))
             if one_step:
-                metrics.update(self._update(replay_batch, replay=True, weight=w, step_optimizer=False))
                 gn, ok = self._optimizer_step()
                 metrics["actor/grad_norm"] = gn
                 metrics["actor/optim/skipped_steps"] = float(not ok)
-            else:
-                metrics.update(self._update(replay_batch, replay=True, weight=w))
         # 8. admission (after the update: replay at t uses data <= t - 1)
-        if a.enable_trajectory_replay and len(episodes):
-            tensors = {k: batch[k] for k in REPLAY_KEYS}
-            metrics["replay/admitted"] = float(
-                self.buffer.add(step, tensors, scores, group_adv, uids, batch["response_mask"])
-            )
-            metrics["replay/buffer_size"] = float(len(self.buffer))
-            metrics["replay/events"] = float(self.buffer.replay_events)
+        metrics.update(self.spear.admit(batch, step))
         t_end = time.perf_counter()
         tokens = sum(len(ep.response_ids) + len(ep.prompt_ids) for ep in episodes)
         metrics.update(
@@ -683,18 +616,6 @@ class Trainer:
         )
         self.step = step
         return metrics
-
-    def _replay_batch(self, step: int, metrics: dict) -> dict | None:
-        sample = self.buffer.sample()
-        if sample is None:
-            return None
-        batch = dict(sample["tensors"])
-        batch["advantages"] = sample["advantages"][:, None] * batch["response_mask"]
-        if self.ref_model is not None:
-            batch["ref_log_probs"] = self._logprobs_no_grad(self.ref_model, batch)
-        metrics["replay/batch_size"] = float(len(sample["rewards"]))
-        metrics["replay/advantage_mean"] = float(sample["advantages"].mean())
-        return batch
 
     # -- the loop --
 

@@ -1,221 +1,413 @@
-"""The SPEAR recipe on verl's trainer: the DataProto hooks, the trainer subclass's step, the Hydra config."""
+"""The SPEAR recipe on verl's trainer, without Ray: the verl adapter of the shared step against the slim trainer's,
+the worker loss inside verl's own batch plumbing (no-padding layout, data-parallel shards, mini- and micro-batches),
+the config bridge, checkpoints of the buffer, the Hydra config. ``test_verl_e2e.py`` runs verl's real loop."""
 
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers import assert_close
+from omegaconf import OmegaConf
 from verl import DataProto
-from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+from verl.utils import tensordict_utils as tu
+from verl.workers.utils.padding import left_right_2_no_padding
 
-from spear.advantages import grpo_advantages
-from spear.config import load_config
-from spear.replay import TrajectoryReplayBuffer
-from spear.verl_recipe import hooks
-from spear.verl_recipe.trainer import REPLAY_STATE_FILE, SpearRayPPOTrainer
+from spear.config import ConfigError, load_config, to_dict
+from spear.rollout import Episode, collate
+from spear.step import REPLAY_KEYS, SpearStep, minibatches, normalisers, update_loss
+from spear.trainer import step_batch_of as slim_step_batch
+from spear.verl_recipe.loss import SpearActorLoss
+from spear.verl_recipe.trainer import (
+    REPLAY_STATE_FILE,
+    SpearRayPPOTrainer,
+    spear_config_from_verl,
+    update_layout,
+    verl_tensors,
+)
+from spear.verl_recipe.trainer import step_batch_of as verl_step_batch
 
-L = 30
-
-
-def make_batch(step=1, rewards=(1, 0, 1, 0, 3, 0, 0, 0), turns=(0, 2, 5, 12, 1, 1, 1, 1)):
-    b = len(rewards)
-    g = torch.Generator().manual_seed(step)
-    lengths = torch.tensor([L, 10, 12, 8, 9, 11, 7, 13])[:b]
-    mask = (torch.arange(L)[None, :] < lengths[:, None]).float()
-    responses = torch.randint(5, 99, (b, L), generator=g)  # 99 is the "unreadable" token
-    responses[2, :29] = 7  # repetitive: the 20-gram of 7s occurs 10 times
-    mask[2, :29] = 1.0
-    scores = torch.zeros(b, L)
-    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()
-    scores[last] = torch.tensor(rewards, dtype=torch.float32)
-    tensors = {
-        "responses": responses,
-        "response_mask": mask,
-        "input_ids": torch.cat([torch.full((b, 4), 1), responses], dim=1),
-        "attention_mask": torch.ones(b, 4 + L, dtype=torch.long),
-        "old_log_probs": -torch.rand(b, L, generator=g),
-        "token_level_scores": scores.clone(),
-        "token_level_rewards": scores.clone(),
-    }
-    non_tensors = {
-        "uid": np.array([f"s{step}-p{i // 4}" for i in range(b)], dtype=object),
-        "tool_call_turns": np.array(turns),
-        "incomplete": np.array([False, False, False, False, False, True, False, False]),
-    }
-    return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors)
+P, L, V = 6, 24, 11  # prompt width, response width, vocabulary
 
 
-class Tokenizer:
-    """Decodes token 99 as an invalid byte sequence (U+FFFD), everything else as plain text."""
+def make_episodes(step: int, groups: int = 4, n: int = 4, seed: int = 0) -> list[Episode]:
+    """Multi-turn episodes with varied rewards, lengths, tool use and flags (some hit every Dr.BoT filter)."""
+    rng = random.Random(seed * 1000 + step)
+    episodes = []
+    for g in range(groups):
+        for _ in range(n):
+            ep = Episode(seed=g, uid=f"{step}:{g}", prompt_ids=[rng.randrange(2, V) for _ in range(rng.randint(2, P))])
+            turns = rng.randint(1, 3)
+            for j in range(turns):
+                start = len(ep.response_ids)
+                new = [rng.randrange(2, V) for _ in range(rng.randint(1, 4))]
+                ep.response_ids += new
+                ep.response_mask += [1] * len(new)
+                ep.turn_spans.append((start, start + len(new)))
+                ep.turn_obs.append(f"obs{g}-{j}-{rng.randint(0, 1)}")
+                ep.turn_rewards.append(0.0)
+                if j < turns - 1:
+                    obs = [rng.randrange(2, V) for _ in range(rng.randint(1, 3))]
+                    ep.response_ids += obs
+                    ep.response_mask += [0] * len(obs)
+            ep.turn_rewards[-1] = float(rng.choice([-1, -1, 1, 1, 0.5]))
+            ep.reward = sum(ep.turn_rewards)
+            ep.tool_turns = rng.randint(0, turns)
+            ep.complete = rng.random() > 0.15
+            ep.truncated = rng.random() < 0.1
+            ep.text = "\ufffd" if rng.random() < 0.05 else "text"
+            episodes.append(ep)
+    return episodes
 
-    def decode(self, ids):
-        return "".join("\ufffd" if i == 99 else "a" for i in ids)
 
-
-def test_toolcall_bonus_hook():
-    batch = make_batch()
-    before = batch.batch["token_level_rewards"].sum(-1)
-    metrics = hooks.apply_toolcall_bonus(batch, step=1, cfg=load_config())
-    factor = (math.cos(math.pi / 100) + 1) / 2
-    expected = torch.tensor([0.0, 0.2, 0.5, 1.0, 0.1, 0.1, 0.1, 0.1]) * factor
-    assert_close("bonus", batch.batch["token_level_rewards"].sum(-1) - before, expected, atol=1e-6, rtol=0)
-    assert_close("scores too", batch.batch["token_level_scores"].sum(-1) - before, expected, atol=1e-6, rtol=0)
-    assert metrics["toolcall/factor"] == pytest.approx(factor)
-
-
-def test_response_filter_hook():
-    batch = make_batch()
-    batch.batch["responses"][6, 0] = 99  # unreadable
-    metrics = hooks.apply_response_filters(batch, load_config(), max_response_length=L, tokenizer=Tokenizer())
-    emptied = (batch.batch["response_mask"].sum(-1) == 0).tolist()
-    # row 0 is overlong (L tokens), row 2 repetitive, row 5 incomplete, row 6 unreadable
-    assert emptied == [True, False, True, False, False, True, True, False]
-    assert metrics["filter/overlong"] == 1 and metrics["filter/any"] == 4
-
-
-def test_rollout_filter_and_advantages_hooks():
-    batch = make_batch(rewards=(1, 0, 1, 0, 5, 5, 5, 5))  # group p1 has no spread
-    cfg = load_config(overrides=["actor_rollout_ref.rollout.rollout_filter_ratio=0.5"])
-    stats = hooks.apply_rollout_filter(batch, cfg)
-    assert (batch.batch["response_mask"][4:].sum() == 0) and (batch.batch["response_mask"][:4].sum() > 0)
-    assert stats["rollout_filter/groups_kept"] == 1
-    hooks.compute_advantages(batch, cfg)
-    expected = grpo_advantages(
-        batch.batch["token_level_rewards"],
-        batch.batch["response_mask"],
-        batch.non_tensor_batch["uid"],
-        norm_adv_by_std_in_grpo=False,
+def verl_batch_of(episodes: list[Episode], tensors: dict, old_log_probs: torch.Tensor) -> DataProto:
+    """The batch verl's trainer hands ``_update_actor`` for these episodes (agent-loop layout and extra fields)."""
+    prompts, responses = tensors["prompts"], tensors["responses"]
+    attn = torch.cat([tensors["prompt_mask"], tensors["response_attn"]], dim=1)
+    scores = torch.zeros(len(episodes), L)
+    last = tensors["response_attn"].sum(-1) - 1
+    scores[torch.arange(len(episodes)), last] = torch.tensor([ep.reward for ep in episodes])
+    obj = lambda xs: np.array(xs + [None], dtype=object)[:-1]  # noqa: E731 (an object array of the items)
+    return DataProto.from_dict(
+        tensors={
+            "prompts": prompts,
+            "responses": responses,
+            "input_ids": torch.cat([prompts, responses], dim=1),
+            "attention_mask": attn,
+            "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+            "response_mask": tensors["response_mask"].long(),
+            "rm_scores": scores,
+            "token_level_scores": scores.clone(),
+            "token_level_rewards": scores.clone(),
+            "old_log_probs": old_log_probs,
+        },
+        non_tensors={
+            "uid": np.array([ep.uid for ep in episodes], dtype=object),
+            "tool_call_turns": np.array([ep.tool_turns for ep in episodes]),
+            "incomplete": np.array([not ep.complete for ep in episodes]),
+            "truncated": np.array([ep.truncated for ep in episodes]),
+            "response_text": np.array([ep.text for ep in episodes], dtype=object),
+            "turn_spans": obj([list(ep.turn_spans) for ep in episodes]),
+            "turn_obs": obj([list(ep.turn_obs) for ep in episodes]),
+            "turn_rewards": obj([list(ep.turn_rewards) for ep in episodes]),
+        },
     )
-    assert_close("advantages", batch.batch["advantages"], expected, atol=0, rtol=0)
 
 
-def test_buffer_hooks_round_trip_through_dataproto():
-    cfg = load_config(
-        overrides=[
-            "actor_rollout_ref.actor.trajectory_buffer_size=1",
-            "actor_rollout_ref.actor.trajectory_score_threshold=0",
-            "actor_rollout_ref.actor.max_replay_loss_steps=4",
-        ]
-    )
-    buffer = TrajectoryReplayBuffer.from_config(cfg)
-    batch = make_batch(step=1)
-    hooks.compute_advantages(batch, cfg)
-    assert hooks.admit(buffer, batch, step=1) == 3  # rewards 1, 1, 3 are above their group means
-    replay, metrics = hooks.replay_batch(buffer, step=2, cfg=cfg)
-    assert replay is not None and metrics["replay/batch_size"] == 1.0
-    assert replay.meta_info["spear_replay"] and len(replay) == 1
-    weight = (1 - math.cos(math.pi * 2 / 4)) / 2
-    row_mask = replay.batch["response_mask"][0]
-    adv = replay.batch["advantages"][0]
-    # baseline: p50 of this step's rewards (0.0); the row's advantage is its reward, scaled by w_sil(2) = 0.5
-    assert bool((adv[row_mask == 0] == 0).all())
-    value = adv[row_mask.bool()]
-    assert value.unique().numel() == 1
-    assert any(value[0].item() == pytest.approx(weight * r) for r in (1, 3))
-    stored = {tuple(r) for r in batch.batch["old_log_probs"].tolist()}
-    assert tuple(replay.batch["old_log_probs"][0].tolist()) in stored  # the stored old log-probs, not recomputed
-    assert len(buffer) == 0
-
-
-class _Recorder:
-    """Stands in for RayPPOTrainer's worker RPCs: records each batch the actor update receives."""
+class PlainPolicy(torch.nn.Module):
+    """A bigram policy: the next token's logits are a row of ``W`` picked by the current token."""
 
     def __init__(self):
-        self.batches = []
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(V, V, generator=torch.Generator().manual_seed(7)))
 
-    def update(self, trainer, batch):
-        self.batches.append(batch)
-        return DataProto.from_dict(tensors={}, meta_info={"metrics": {"actor/pg_loss": float(len(self.batches))}})
+    def token_logprobs(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ids [n]`` -> log-prob of token k+1 and entropy at each position k (the last position: 0)."""
+        lsm = torch.log_softmax(self.w[ids], dim=-1)
+        logp = torch.cat([lsm[:-1].gather(-1, ids[1:, None]).squeeze(-1), lsm.new_zeros(1)])
+        ent = -(lsm.exp() * lsm).sum(-1)
+        return logp, ent
+
+    def response_logprobs(self, rows: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slim trainer's view: ``[B, L]`` log-probs / entropies of the response tokens."""
+        out_lp, out_ent = [], []
+        for i in range(rows["responses"].shape[0]):
+            prompt = rows["prompts"][i][rows["prompt_mask"][i].bool()]
+            response = rows["responses"][i][rows["response_attn"][i].bool()]
+            lp, ent = self.token_logprobs(torch.cat([prompt, response]))
+            r = len(response)
+            out_lp.append(torch.nn.functional.pad(lp[len(prompt) - 1 : len(prompt) - 1 + r], (0, L - r)))
+            out_ent.append(torch.nn.functional.pad(ent[len(prompt) - 1 : len(prompt) - 1 + r], (0, L - r)))
+        return torch.stack(out_lp), torch.stack(out_ent)
+
+    def nested_output(self, data) -> dict:
+        """verl's engine view: per-token outputs over the no-padding (jagged) sequences of ``data``."""
+        seqs = data["input_ids"].unbind()
+        outs = [self.token_logprobs(s) for s in seqs]
+        lp = torch.nested.as_nested_tensor([o[0] for o in outs], layout=torch.jagged)
+        ent = torch.nested.as_nested_tensor([o[1] for o in outs], layout=torch.jagged)
+        return {"log_probs": lp, "entropy": ent}
 
 
-def make_trainer(tmp_path, monkeypatch, recorder, overrides=()):
-    trainer = object.__new__(SpearRayPPOTrainer)  # no Ray workers: only the SPEAR step is exercised
-    trainer.spear = load_config(
+def spear_cfg(*overrides):
+    return load_config(
         overrides=[
             "actor_rollout_ref.actor.enable_trajectory_replay=true",
-            "actor_rollout_ref.actor.trajectory_buffer_size=1",
+            "actor_rollout_ref.actor.trajectory_buffer_size=2",
             "actor_rollout_ref.actor.trajectory_score_threshold=0",
+            "actor_rollout_ref.actor.max_replay_loss_steps=4",
+            "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+            "actor_rollout_ref.actor.ppo_micro_batch_size=2",
+            "actor_rollout_ref.actor.entropy_coeff=0.01",
+            "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",
+            "actor_rollout_ref.rollout.rollout_filter_ratio=0.75",
+            f"actor_rollout_ref.rollout.response_length={L}",
+            f"data.max_prompt_length={P}",
             *overrides,
         ]
     )
-    trainer.replay_buffer = TrajectoryReplayBuffer.from_config(trainer.spear)
-    trainer.tokenizer = Tokenizer()
-    from omegaconf import OmegaConf
 
-    trainer.config = OmegaConf.create(
-        {"data": {"max_response_length": L + 1}, "trainer": {"default_local_dir": str(tmp_path)}}
+
+def slim_grads(cfg, policy, rows, *, replay, weight, generator, loss_gen=None) -> list[torch.Tensor]:
+    """The slim trainer's update (``Trainer._update`` without the optimizer): one gradient per mini-batch."""
+    a = cfg.actor_rollout_ref.actor
+    grads = []
+    for mini in minibatches(rows["response_mask"].shape[0], a.ppo_mini_batch_size, generator):
+        policy.zero_grad()
+        norms = normalisers(rows["response_mask"], mini)
+        for u0 in range(0, len(mini), a.ppo_micro_batch_size):
+            idx = mini[u0 : u0 + a.ppo_micro_batch_size]
+            micro = {k: v[idx] for k, v in rows.items()}
+            lp, ent = policy.response_logprobs(micro)
+            loss, _ = update_loss(cfg, lp, ent, micro, replay=replay, weight=weight, norms=norms, generator=loss_gen)
+            loss.backward()
+        grads.append(policy.w.grad.clone())
+    return grads
+
+
+def verl_worker_grads(
+    cfg, policy, rows, *, replay, weight, generator, dp: int, micro: int, loss_fn
+) -> list[torch.Tensor]:
+    """The recipe's update through verl's own plumbing: the driver's layout and TensorDict, verl's data-parallel
+    chunking, its unshuffled mini-batch iterator and micro-batch split, the worker loss; the ranks' gradients are
+    averaged as FSDP does. One gradient per mini-batch."""
+    mini_size = cfg.actor_rollout_ref.actor.ppo_mini_batch_size
+    laid, minis = update_layout(rows, mini_size, dp, generator)
+    data = DataProto.from_dict(
+        tensors=verl_tensors(laid), meta_info={"spear_replay": replay, "spear_loss_weight": float(weight)}
     )
-    monkeypatch.setattr(RayPPOTrainer, "_update_actor", lambda self, batch: recorder.update(self, batch))
-    return trainer
+    td = left_right_2_no_padding(data.to_tensordict())
+    shards = tu.chunk_tensordict(td, dp)
+    per_rank = [
+        list(tu.make_iterator(s, mini_batch_size=mini_size // dp, epochs=1, dataloader_kwargs={"shuffle": False}))
+        for s in shards
+    ]
+    grads = []
+    for j in range(len(minis)):
+        policy.zero_grad()
+        for r in range(dp):
+            mb = per_rank[r][j]
+            tu.assign_non_tensor(mb, dp_size=dp)
+            for piece in tu.chunk_tensordict(mb, (mini_size // dp) // micro):
+                loss, _ = loss_fn(policy.nested_output(piece), piece)
+                loss.backward()
+        grads.append(policy.w.grad.clone() / dp)
+    return grads
 
 
-def test_trainer_step_runs_on_policy_then_replay_then_admits(tmp_path, monkeypatch):
-    recorder = _Recorder()
-    # all groups kept: step 1 admits the two unfiltered rows above their group means, which trigger at step 2
-    trainer = make_trainer(tmp_path, monkeypatch, recorder, ["actor_rollout_ref.rollout.rollout_filter_ratio=1.0"])
-    trainer.global_steps = 1
-    out1 = trainer._update_actor(make_batch(step=1))
-    assert len(recorder.batches) == 1 and len(trainer.replay_buffer) > 0
-    assert out1.meta_info["metrics"]["replay/admitted"] == len(trainer.replay_buffer)
-    trainer.global_steps = 2
-    out2 = trainer._update_actor(make_batch(step=2))
-    assert len(recorder.batches) == 3, "step 2: on-policy update, then one replay update"
-    assert recorder.batches[2].meta_info.get("spear_replay")
-    assert out2.meta_info["metrics"]["actor_replay/pg_loss"] == 3.0
-    assert {"toolcall/factor", "filter/any", "rollout_filter/std_before", "replay/weight"} <= out2.meta_info[
-        "metrics"
-    ].keys()
+# dp=2 spreads a mini-batch's micro-batches over two ranks: the token selections of clip_cov (random) and kl_cov
+# (top-k within the micro-batch) then see other micro-batches than one process does, so dp=2 checks vanilla.
+@pytest.mark.parametrize("dp, loss_mode", [(1, "clip_cov"), (1, "kl_cov"), (2, "vanilla")])
+@pytest.mark.parametrize("adv_estimator", ["grpo", "gigpo"])
+def test_both_adapters_run_the_same_step(dp, loss_mode, adv_estimator):
+    """One synthetic rollout through the slim trainer's adapter and verl's: the same kept rows, advantages, buffer
+    contents and baseline, replay batch, and the same loss gradients for the on-policy and the replay update."""
+    cfg = spear_cfg(
+        f"algorithm.adv_estimator={adv_estimator}",
+        f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
+        "actor_rollout_ref.actor.policy_loss.clip_cov_lb=-10",  # many candidates: the selection matters
+        "actor_rollout_ref.actor.policy_loss.clip_cov_ratio=0.2",
+        "actor_rollout_ref.actor.policy_loss.kl_cov_ratio=0.2",
+    )
+    slim, verl_side = SpearStep(cfg, seed=3), SpearStep(cfg, seed=3)
+    policy = PlainPolicy()
+    for step in (1, 2, 3):
+        episodes = make_episodes(step)
+        tensors = collate(episodes, pad_id=0, max_prompt_length=P, response_length=L)
+        old = torch.randn(len(episodes), L, generator=torch.Generator().manual_seed(step)) * 0.1 - 1
+        a, ma = slim.prepare(slim_step_batch(episodes, tensors), step, max_response_length=L)
+        b, mb = verl_side.prepare(verl_step_batch(verl_batch_of(episodes, tensors, old)), step, max_response_length=L)
+        assert a.index.tolist() == b.index.tolist()
+        assert len(a) < len(episodes)  # the std filter removed rows
+        assert ma == mb
+        assert_close("advantages", b.tensors["advantages"], a.tensors["advantages"], atol=0, rtol=0)
+        assert_close("trajectory advantages", b.traj_adv, a.traj_adv, atol=0, rtol=0)
+        a.tensors["old_log_probs"] = old[a.index]
+        for key in REPLAY_KEYS:
+            assert_close(key, b.tensors[key].float(), a.tensors[key].float(), atol=0, rtol=0)
+        ra, wa, _ = slim.replay(step)
+        rb, wb, _ = verl_side.replay(step)
+        assert (ra is None) == (rb is None) and wa == wb
+        train = torch.nonzero(a.tensors["response_mask"].sum(-1) > 0).squeeze(1)
+        on_policy = {k: v[train] for k, v in a.tensors.items()}
+        batches = [(on_policy, False, 1.0)] + ([(ra, True, wa)] if ra is not None else [])
+        if ra is not None:
+            for key in (*REPLAY_KEYS, "advantages"):
+                assert_close(f"replay {key}", rb[key].float(), ra[key].float(), atol=0, rtol=0)
+        for rows, replay, weight in batches:
+            # the same clip-cov draws: SpearActorLoss(seed=0) on rank 0 draws from seed 1 (padding micro-batches,
+            # all at the end of an update, may draw too: a fresh pair per update keeps the streams aligned)
+            loss_gen, loss_fn = torch.Generator().manual_seed(1), SpearActorLoss(to_dict(cfg), seed=0)
+            g_slim = slim_grads(
+                cfg,
+                policy,
+                rows,
+                replay=replay,
+                weight=weight,
+                generator=torch.Generator().manual_seed(step),
+                loss_gen=loss_gen,
+            )
+            g_verl = verl_worker_grads(
+                cfg,
+                policy,
+                rows,
+                replay=replay,
+                weight=weight,
+                generator=torch.Generator().manual_seed(step),
+                dp=dp,
+                micro=2,
+                loss_fn=loss_fn,
+            )
+            assert len(g_slim) == len(g_verl)
+            for i, (x, y) in enumerate(zip(g_slim, g_verl, strict=True)):
+                assert x.abs().sum() > 0
+                assert_close(
+                    f"step {step} {'replay' if replay else 'on-policy'} mini-batch {i} grad", y, x, atol=1e-6, rtol=1e-5
+                )
+        slim.admit(a, step)
+        verl_side.admit(b, step)
+        sa, sb = slim.buffer.state_dict(), verl_side.buffer.state_dict()
+        assert sa["baseline"] == sb["baseline"] and sa["group_stds"] == sb["group_stds"]
+        assert len(sa["rows"]) == len(sb["rows"])
+        for x, y in zip(sa["rows"], sb["rows"], strict=True):
+            assert (x["step"], x["reward"], x["advantage"], x["group"]) == (
+                y["step"],
+                y["reward"],
+                y["advantage"],
+                y["group"],
+            )
+            for key in REPLAY_KEYS:
+                assert torch.equal(x["tensors"][key].float(), y["tensors"][key].float()), key
+    assert slim.buffer.replay_events == verl_side.buffer.replay_events > 0
 
 
-def test_trainer_checkpoints_the_buffer(tmp_path, monkeypatch):
-    recorder = _Recorder()
-    trainer = make_trainer(tmp_path, monkeypatch, recorder)
-    monkeypatch.setattr(RayPPOTrainer, "_save_checkpoint", lambda self: None)
-    monkeypatch.setattr(RayPPOTrainer, "_load_checkpoint", lambda self: None)
-    trainer.global_steps = 1
-    trainer._update_actor(make_batch(step=1))
-    trainer._save_checkpoint()
-    assert (Path(tmp_path) / "global_step_1" / REPLAY_STATE_FILE).exists()
-    restored = make_trainer(tmp_path, monkeypatch, _Recorder())
-    restored.global_steps = 1
-    restored._load_checkpoint()
-    assert restored.replay_buffer.state_dict()["baseline"] == trainer.replay_buffer.state_dict()["baseline"]
-    assert len(restored.replay_buffer) == len(trainer.replay_buffer) > 0
+def test_rollout_filter_removes_rows_before_the_baseline_sees_them():
+    """uid [a, a, b, b], rewards [1, 1, 0, 1], ratio 0.5: group a (no spread) leaves; the FIFO holds [0, 1]."""
+    cfg = spear_cfg("actor_rollout_ref.rollout.rollout_filter_ratio=0.5", "algorithm.use_toolcall_reward=none")
+    episodes = make_episodes(1, groups=2, n=2)
+    for ep, uid, r in zip(episodes, ["a", "a", "b", "b"], [1.0, 1.0, 0.0, 1.0], strict=True):
+        ep.uid, ep.reward, ep.turn_rewards[-1], ep.complete, ep.truncated, ep.text = uid, r, r, True, False, "ok"
+        ep.turn_rewards[:-1] = [0.0] * (len(ep.turn_rewards) - 1)
+    tensors = collate(episodes, pad_id=0, max_prompt_length=P, response_length=L)
+    step = SpearStep(cfg)
+    kept, _ = step.prepare(
+        verl_step_batch(verl_batch_of(episodes, tensors, torch.zeros(4, L))), 1, max_response_length=L
+    )
+    assert kept.index.tolist() == [2, 3]
+    step.admit(kept, 1)
+    assert step.buffer.state_dict()["baseline"] == [0.0, 1.0]
 
 
-def test_hydra_config_composes_with_verls_ppo_trainer():
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+def test_update_layout_matches_verls_data_parallel_iteration():
+    """Each of verl's (rank, mini-batch) slices holds the rows of our mini-batch, padding rows carry no loss."""
+    rows = {"response_mask": torch.ones(11, 3), "advantages": torch.ones(11, 3), "x": torch.arange(11)[:, None]}
+    laid, minis = update_layout(rows, 6, 2, torch.Generator().manual_seed(0))
+    assert [len(m) for m in minis] == [6, 5]
+    assert laid["x"].shape[0] == 12
+    # rank r's shard is rows [6r, 6r + 6); its j-th mini-batch the j-th slice of 3
+    for j, mini in enumerate(minis):
+        got = torch.cat([laid["x"][6 * r + 3 * j : 6 * r + 3 * j + 3, 0] for r in range(2)])
+        real = torch.cat([laid["response_mask"][6 * r + 3 * j : 6 * r + 3 * j + 3, 0] for r in range(2)]) > 0
+        assert sorted(got[real].tolist()) == sorted(mini.tolist())
+        assert laid["spear_norm_rows"][6 * 0 + 3 * j] == len(mini)
+    assert laid["advantages"][laid["response_mask"] == 0].abs().sum() == 0
 
-    config_dir = Path(__file__).resolve().parent.parent / "spear" / "verl_recipe" / "config"
-    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        cfg = compose(config_name="spear_trainer", overrides=["spear.algorithm.max_toolcall_steps=50"])
-    assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == "spear_clip_cov"
-    assert cfg.algorithm.adv_estimator == "spear_grpo" and cfg.trainer.use_v1 is False
-    assert "max_response_length" in cfg.data  # verl's own sections are all there
-    spear = load_config(OmegaConf.to_container(cfg.spear, resolve=True))
-    assert spear.algorithm.max_toolcall_steps == 50 and spear.actor_rollout_ref.actor.enable_trajectory_replay
+
+def verl_config(**spear_section):
+    base = OmegaConf.create(
+        {
+            "actor_rollout_ref": {
+                "actor": {
+                    "clip_ratio_low": 0.2,
+                    "clip_ratio_high": 0.28,
+                    "clip_ratio_c": 3.0,
+                    "loss_agg_mode": "token-mean",
+                    "entropy_coeff": 0.001,
+                    "use_kl_loss": False,
+                    "kl_loss_coef": 0.0,
+                    "kl_loss_type": "low_var_kl",
+                    "ppo_epochs": 1,
+                    "ppo_mini_batch_size": 2,
+                    "optim": {"lr": 1e-5, "weight_decay": 0.01, "clip_grad": 1.0},
+                    "policy_loss": {"loss_mode": "spear_kl_cov", "clip_cov_ratio": 0.0002, "kl_cov_ratio": 0.001},
+                },
+                "rollout": {"n": 4, "temperature": 1.0, "top_p": 1.0, "response_length": 96},
+            },
+            "data": {"max_prompt_length": 32},
+            "algorithm": {"norm_adv_by_std_in_grpo": True},
+        }
+    )
+    base.spear = spear_section
+    return base
 
 
-def test_gigpo_advantages_hook_uses_the_per_step_layout():
+def test_verl_keys_are_the_single_source():
+    cfg = spear_config_from_verl(verl_config(algorithm={"max_toolcall_steps": 7}))
+    a = cfg.actor_rollout_ref.actor
+    assert a.policy_loss.loss_mode == "kl_cov" and a.policy_loss.kl_cov_ratio == 0.001
+    assert a.loss_agg_mode == "token-mean" and a.entropy_coeff == 0.001 and a.optim.lr == 1e-5
+    assert a.ppo_mini_batch_size == 8  # verl's prompts x rollout.n
+    assert cfg.actor_rollout_ref.rollout.response_length == 96 and cfg.algorithm.norm_adv_by_std_in_grpo
+    assert cfg.algorithm.max_toolcall_steps == 7
+    with pytest.raises(ConfigError, match="clip_ratio_high"):
+        spear_config_from_verl(verl_config(actor_rollout_ref={"actor": {"clip_ratio_high": 0.3}}))
+    with pytest.raises(ConfigError, match="replay_update"):
+        spear_config_from_verl(verl_config(actor_rollout_ref={"actor": {"replay_update": "mixed"}}))
+    bad = verl_config()
+    bad.actor_rollout_ref.actor.policy_loss.loss_mode = "clip_cov"
+    with pytest.raises(ConfigError, match="spear_clip_cov"):
+        spear_config_from_verl(bad)
+
+
+def test_missing_agent_loop_fields_are_errors_not_silence():
+    """verl's own agent loops report neither tool-call turns nor incompleteness: the step says so."""
+    cfg = spear_cfg()
+    episodes = make_episodes(1)
+    tensors = collate(episodes, pad_id=0, max_prompt_length=P, response_length=L)
+    batch = verl_batch_of(episodes, tensors, torch.zeros(len(episodes), L))
+    batch.non_tensor_batch.pop("tool_call_turns")
+    with pytest.raises(ConfigError, match="tool_call_turns"):
+        SpearStep(cfg).prepare(verl_step_batch(batch), 1, max_response_length=L)
+    batch = verl_batch_of(episodes, tensors, torch.zeros(len(episodes), L))
+    batch.non_tensor_batch.pop("incomplete")
+    with pytest.raises(ConfigError, match="incomplete"):
+        SpearStep(cfg).prepare(verl_step_batch(batch), 1, max_response_length=L)
+    # the overlong filter counts every response token (tool outputs included), not only the loss mask
+    full = [ep for ep in episodes if len(ep.turn_spans) > 1][0]
+    width = len(full.response_ids)
+    assert sum(full.response_mask) < width
+    one = verl_batch_of([full], collate([full], pad_id=0, max_prompt_length=P, response_length=L), torch.zeros(1, L))
+    sb = verl_step_batch(one)
+    SpearStep(spear_cfg("actor_rollout_ref.rollout.rollout_filter_ratio=1")).prepare(sb, 1, max_response_length=width)
+    assert sb.tensors["response_mask"].sum() == 0
+
+
+def test_gigpo_from_verl_agents_per_step_layout():
+    """verl-agent's layout (one row per turn: traj_uid, step_index, anchor_obs) goes through the same GiGPO."""
     from spear.advantages import gigpo_advantages
 
-    batch = make_batch(rewards=(0, 1, 0, 0, 1, 0, 0, 0))
-    # rows are turns: trajectories t0 (rows 0-1), t1 (2-3) in group p0; t2 (4-5), t3 (6-7) in group p1
-    batch.non_tensor_batch["traj_uid"] = np.array(["t0", "t0", "t1", "t1", "t2", "t2", "t3", "t3"], dtype=object)
-    batch.non_tensor_batch["step_index"] = np.array([0, 1, 0, 1, 0, 1, 0, 1])
-    batch.non_tensor_batch["anchor_obs"] = np.array(
-        ["start", "room", "start", "hall", "s", "x", "s", "x"], dtype=object
+    cfg = spear_cfg(
+        "algorithm.adv_estimator=gigpo", "algorithm.gigpo_mode=mean_norm", "algorithm.use_toolcall_reward=none"
     )
-    cfg = load_config(overrides=["algorithm.adv_estimator=gigpo", "algorithm.gigpo_mode=mean_norm"])
-    hooks.compute_advantages(batch, cfg)
+    episodes = make_episodes(1, groups=2, n=4)
+    for ep in episodes:
+        ep.complete, ep.truncated, ep.text = True, False, "ok"
+    tensors = collate(episodes, pad_id=0, max_prompt_length=P, response_length=L)
+    batch = verl_batch_of(episodes, tensors, torch.zeros(len(episodes), L))
+    for key in ("turn_spans", "turn_obs", "turn_rewards", "tool_call_turns"):
+        batch.non_tensor_batch.pop(key)
     nt = batch.non_tensor_batch
+    nt["traj_uid"] = np.array([f"t{i // 2}" for i in range(8)], dtype=object)
+    nt["step_index"] = np.array([i % 2 for i in range(8)])
+    nt["anchor_obs"] = np.array(["s", "x", "s", "y", "s", "x", "s", "x"], dtype=object)
+    kept, _ = SpearStep(cfg).prepare(verl_step_batch(batch), 1, max_response_length=L)
+    scores = batch.batch["token_level_scores"].sum(-1)
     expected = gigpo_advantages(
-        batch.batch["token_level_rewards"].sum(-1),
+        scores,
         list(nt["uid"]),
         list(nt["traj_uid"]),
         torch.as_tensor(nt["step_index"]),
@@ -223,9 +415,64 @@ def test_gigpo_advantages_hook_uses_the_per_step_layout():
         mode="mean_norm",
     )
     assert expected.abs().sum() > 0
-    assert_close(
-        "advantages", batch.batch["advantages"], expected[:, None] * batch.batch["response_mask"], atol=0, rtol=0
-    )
-    del batch.non_tensor_batch["anchor_obs"]
-    with pytest.raises(ValueError, match="anchor_obs"):
-        hooks.compute_advantages(batch, cfg)
+    mask = kept.tensors["response_mask"]
+    assert_close("advantages", kept.tensors["advantages"], expected[kept.index][:, None] * mask, atol=1e-6, rtol=1e-6)
+
+
+def test_the_buffer_is_checkpointed_with_weights_only(tmp_path, monkeypatch):
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    monkeypatch.setattr(RayPPOTrainer, "_save_checkpoint", lambda self: None)
+    monkeypatch.setattr(RayPPOTrainer, "_load_checkpoint", lambda self: None)
+
+    def trainer():
+        t = object.__new__(SpearRayPPOTrainer)  # no Ray workers: only the checkpoint hooks
+        t.config = OmegaConf.create({"trainer": {"default_local_dir": str(tmp_path)}})
+        t.spear_step = SpearStep(spear_cfg(), seed=3)
+        t.shuffle_gen = torch.Generator().manual_seed(2)
+        return t
+
+    first = trainer()
+    episodes = make_episodes(1)
+    tensors = collate(episodes, pad_id=0, max_prompt_length=P, response_length=L)
+    kept, _ = first.spear_step.prepare(slim_step_batch(episodes, tensors), 1, max_response_length=L)
+    kept.tensors["old_log_probs"] = torch.zeros(len(kept), L)
+    first.spear_step.admit(kept, 1)
+    torch.randperm(5, generator=first.shuffle_gen)
+    first.global_steps = 1
+    first._save_checkpoint()
+    path = Path(tmp_path) / "global_step_1" / REPLAY_STATE_FILE
+    torch.load(path, weights_only=True)  # plain tensors and containers only
+    second = trainer()
+    second.global_steps = 1
+    second._load_checkpoint()
+    assert second.spear_step.buffer.state_dict()["baseline"] == first.spear_step.buffer.state_dict()["baseline"]
+    assert len(second.spear_step.buffer) == len(first.spear_step.buffer) > 0
+    assert torch.equal(second.shuffle_gen.get_state(), first.shuffle_gen.get_state())
+
+
+def test_hydra_config_composes_with_verls_ppo_trainer():
+    from hydra import compose, initialize_config_dir
+
+    config_dir = Path(__file__).resolve().parent.parent / "spear" / "verl_recipe" / "config"
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        cfg = compose(config_name="spear_trainer", overrides=["spear.algorithm.max_toolcall_steps=50"])
+    assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == "spear_clip_cov"
+    assert cfg.algorithm.adv_estimator == "spear_grpo" and cfg.trainer.use_v1 is False
+    assert cfg.actor_rollout_ref.rollout.agent.default_agent_loop == "spear_env"
+    spear = spear_config_from_verl(cfg)
+    assert spear.algorithm.max_toolcall_steps == 50 and spear.actor_rollout_ref.actor.enable_trajectory_replay
+    assert spear.actor_rollout_ref.actor.policy_loss.loss_mode == "clip_cov"
+    assert spear.actor_rollout_ref.actor.policy_loss.clip_cov_ub == 5.0  # verl's key
+    assert spear.actor_rollout_ref.actor.policy_loss.clip_cov_ub_replay == 60.0  # the spear: section's
+    assert math.isclose(spear.actor_rollout_ref.actor.entropy_coeff, 0.001)
+
+
+def test_the_cpu_mode_refuses_another_verl(monkeypatch):
+    import verl
+
+    from spear.verl_recipe import cpu
+
+    monkeypatch.setattr(verl, "__version__", "0.10.0")
+    with pytest.raises(RuntimeError, match=r"verl==0\.9\.1"):
+        cpu.check_verl_version()

@@ -1,11 +1,17 @@
 """SPEAR on verl's distributed (Ray + FSDP) trainer.
 
-- :mod:`spear.verl_recipe.hooks`: SPEAR's additions to a training step as functions on ``DataProto``
-  batches (tool-call bonus, Dr.BoT filters, rollout std filter, advantages, replay buffer in and out);
-- :class:`spear.verl_recipe.trainer.SpearRayPPOTrainer`: verl's ``RayPPOTrainer`` with those hooks around
-  the actor update, and the replay buffer saved with every checkpoint;
-- ``python -m spear.verl_recipe.main``: verl's ``main_ppo`` with that trainer and
-  ``config/spear_trainer.yaml`` (verl's ``ppo_trainer`` plus a ``spear:`` section holding the README's keys).
+- :class:`spear.verl_recipe.trainer.SpearRayPPOTrainer`: verl's ``RayPPOTrainer`` whose actor update is the shared
+  SPEAR step (:mod:`spear.step`), with :class:`spear.verl_recipe.loss.SpearActorLoss` on the actor workers and
+  the replay buffer saved with every checkpoint;
+- :mod:`spear.verl_recipe.agent_loop`: the built-in environments as verl's ``spear_env`` agent loop
+  (:data:`AGENT_LOOPS_YAML` registers it: ``actor_rollout_ref.rollout.agent.agent_loop_config_path``);
+- :mod:`spear.verl_recipe.data`: parquet datasets of task seeds for it;
+- :mod:`spear.verl_recipe.cpu`: verl on a CPU-only machine (opt-in, ``VERL_USE_EXTERNAL_MODULES``);
+- ``python -m spear.verl_recipe.main``: verl's ``main_ppo`` with that trainer and ``config/spear_trainer.yaml``.
 
 See ``docs/verl.md``.
 """
+
+from pathlib import Path
+
+AGENT_LOOPS_YAML = Path(__file__).resolve().parent / "config" / "agent_loops.yaml"

@@ -26,16 +26,20 @@ class SpearTaskRunner(BaseTaskRunner):
 
 @hydra.main(config_path="config", config_name="spear_trainer", version_base=None)
 def main(config):
-    from omegaconf import OmegaConf
+    from omegaconf import open_dict
     from verl.trainer.main_ppo import run_ppo
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
-    from ..config import load_config
+    from . import AGENT_LOOPS_YAML
+    from .trainer import spear_config_from_verl
 
-    load_config(OmegaConf.to_container(config.spear, resolve=True))  # fail fast on a bad SPEAR key
+    spear_config_from_verl(config)  # fail fast on a bad or contradictory SPEAR key
     if config.trainer.use_v1:
         raise ValueError("the SPEAR recipe extends verl's v0 RayPPOTrainer: set trainer.use_v1=false")
+    with open_dict(config):
+        if not config.actor_rollout_ref.rollout.agent.get("agent_loop_config_path"):
+            config.actor_rollout_ref.rollout.agent.agent_loop_config_path = str(AGENT_LOOPS_YAML)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     run_ppo(config, task_runner_class=SpearTaskRunner)
 
