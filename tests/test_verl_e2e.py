@@ -54,9 +54,9 @@ def dataset(workdir) -> dict[str, Path]:
     return data.write(workdir / "data", "math", train=32, val=8, env_kwargs=ENV_KWARGS)
 
 
-def common_overrides(model: Path, dataset: dict[str, Path], run_dir: Path) -> list[str]:
+def common_overrides(model: Path, dataset: dict[str, Path], run_dir: Path, workers: int = 1) -> list[str]:
     return [
-        *cpu.overrides(),
+        *cpu.overrides(workers),
         f"data.train_files={dataset['train']}",
         f"data.val_files={dataset['val']}",
         "data.train_batch_size=4",
@@ -66,8 +66,9 @@ def common_overrides(model: Path, dataset: dict[str, Path], run_dir: Path) -> li
         "actor_rollout_ref.rollout.n=4",
         "actor_rollout_ref.rollout.prompt_length=32",
         "actor_rollout_ref.rollout.response_length=96",
-        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16",
-        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=16",
+        # each rank's share of the 16 rows of a step, in one micro-batch (verl needs it to divide the share)
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={16 // workers}",
+        f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={16 // workers}",
         "actor_rollout_ref.actor.ppo_mini_batch_size=2",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
         "actor_rollout_ref.actor.optim.lr=1e-3",
@@ -139,9 +140,9 @@ def test_stock_grpo_with_a_spear_loss(sft_model, dataset, workdir):
         assert s["num_turns/max"] >= 3  # multi-turn: at least one tool call and its observation
 
 
-def spear_overrides(model, dataset, run_dir) -> list[str]:
+def spear_overrides(model, dataset, run_dir, workers: int = 1) -> list[str]:
     return [
-        *common_overrides(model, dataset, run_dir),
+        *common_overrides(model, dataset, run_dir, workers),
         *[f"+spear.env.kwargs.{k}={v}" for k, v in ENV_KWARGS.items()],
         "spear.env.name=math",
         "spear.actor_rollout_ref.rollout.max_turns=4",
@@ -151,6 +152,9 @@ def spear_overrides(model, dataset, run_dir) -> list[str]:
         "spear.actor_rollout_ref.actor.trajectory_buffer_size=1",
         "spear.actor_rollout_ref.actor.max_replay_loss_steps=4",
         "spear.algorithm.max_toolcall_steps=10",
+        # a reference policy and the KL term on-policy (replay has none: it needs no reference log-probs)
+        "actor_rollout_ref.actor.use_kl_loss=true",
+        "actor_rollout_ref.actor.kl_loss_coef=0.01",
         "trainer.save_freq=1",
     ]
 
@@ -170,6 +174,7 @@ def test_spear_recipe_replays_and_resumes(sft_model, dataset, workdir):
         assert s["rollout_filter/groups_kept"] == 2  # ratio 0.5 of 4 groups
         assert s["rollout_filter/rows_kept"] == 8  # the dropped groups' rows left the batch
         assert "filter/incomplete" in s and "filter/overlong" in s
+        assert s["actor/kl_loss"] >= 0
     # the rollout server got the trainer's weights after every update
     loads = [s["rollout/weight_loads"] for s in first]
     assert loads == sorted(loads) and loads[-1] >= loads[0] + 2, loads
@@ -191,3 +196,17 @@ def test_spear_recipe_replays_and_resumes(sft_model, dataset, workdir):
     assert [s["step"] for s in resumed] == [4]
     assert resumed[0]["replay/events"] >= first[-1]["replay/events"]  # the buffer's state came back
     assert resumed[0]["actor/grad_norm"] > 0
+
+
+@pytest.mark.slow
+def test_spear_recipe_on_two_fsdp2_ranks(sft_model, dataset, workdir):
+    """Two actor ranks (FSDP2 over gloo, two rollout replicas): each rank's share of every mini-batch."""
+    run_dir = workdir / "spear2"
+    steps = run_verl(
+        "spear.verl_recipe.main",
+        [*spear_overrides(sft_model, dataset, run_dir, 2), "trainer.total_training_steps=2", "trainer.save_freq=0"],
+        workdir,
+        "spear_2ranks",
+    )
+    assert [s["step"] for s in steps] == [1, 2]
+    assert all(s["actor/grad_norm"] > 0 for s in steps)

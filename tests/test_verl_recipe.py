@@ -476,3 +476,54 @@ def test_the_cpu_mode_refuses_another_verl(monkeypatch):
     monkeypatch.setattr(verl, "__version__", "0.10.0")
     with pytest.raises(RuntimeError, match=r"verl==0\.9\.1"):
         cpu.check_verl_version()
+
+
+def test_hf_rollout_server_log_probs_and_weight_sync(tmp_path):
+    """The ``hf`` rollout returns the sampled tokens' log-probs under the served weights, batches concurrent
+    requests, and after ``load_weights`` samples from the new weights (the tied lm_head included)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from spear.models import build_tiny_model, load_policy
+    from spear.verl_recipe.hf_rollout import HFRolloutServer
+
+    path = build_tiny_model(
+        tmp_path / "m",
+        "math",
+        corpus_episodes=50,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+    )
+    config = SimpleNamespace(response_length=12, prompt_length=16, seed=0, max_model_len=None)
+    server = HFRolloutServer(config, SimpleNamespace(path=str(path), local_path=None))
+    model, tokenizer = load_policy(path)
+    prompt = tokenizer.encode("Compute 3+4.", add_special_tokens=False)
+
+    def check(out, temperature):
+        ids = torch.tensor([prompt + out.token_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1 : -1] / temperature
+        expected = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(out.token_ids)[:, None]).squeeze(-1)
+        assert_close("rollout log-probs", torch.tensor(out.log_probs), expected, atol=1e-4, rtol=1e-4)
+
+    async def two_requests(temperature):
+        params = {"temperature": temperature, "max_tokens": 8, "logprobs": True}
+        return await asyncio.gather(server.generate(prompt, params), server.generate(prompt, dict(params)))
+
+    for temperature in (1.0, 0.7):
+        for out in asyncio.run(two_requests(temperature)):
+            assert 0 < len(out.token_ids) <= 8
+            check(out, temperature)
+    # a weight sync: new values for every tensor the trainer sends (the tied embedding / lm_head included)
+    new_state = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert server.load_weights(new_state, global_steps=1) == len(new_state)
+    model.load_state_dict(new_state, strict=False)
+    model.tie_weights()
+    for out in asyncio.run(two_requests(1.0)):
+        check(out, 1.0)
+    assert server.stats() == {"weight_loads": 1, "global_steps": 1}
+    with pytest.raises(KeyError, match="no parameters named"):
+        server.load_weights({"not.a.weight": torch.zeros(1)})

@@ -33,7 +33,7 @@ from verl.utils import tensordict_utils as tu
 from verl.workers.utils.padding import left_right_2_no_padding
 
 from ..config import ConfigError, SpearConfig, load_config, to_dict
-from ..step import REPLAY_KEYS, SpearStep, StepBatch, minibatches
+from ..step import SpearStep, StepBatch, minibatches
 from .loss import NORM_ROWS, NORM_TOKENS, REPLAY_FLAG, WEIGHT_KEY, SpearActorLoss
 
 REPLAY_STATE_FILE = "spear_replay.pt"
@@ -348,4 +348,4 @@ class SpearRayPPOTrainer(RayPPOTrainer):
         return result
 
 
-__all__ = ["REPLAY_KEYS", "SpearRayPPOTrainer", "spear_config_from_verl", "step_batch_of", "update_layout"]
+__all__ = ["SpearRayPPOTrainer", "spear_config_from_verl", "step_batch_of", "update_layout"]
