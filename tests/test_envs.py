@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 import tracemalloc
 
 import pytest
 
-from spear.envs import CalculatorError, MathToolEnv, TextEnv, calculate, extract_tag, make_env
+from spear.envs import CalculatorError, MathToolEnv, TextEnv, calculate, extract_tag, make_env, parse_integer
 from spear.envs.math_tool import make_problem
 
 # ---- calculator ---------------------------------------------------------------------------------
@@ -109,6 +110,63 @@ def test_extract_tag():
     assert extract_tag("x <tool> 1+2 </tool> y", "tool") == "1+2"
     assert extract_tag("<answer>3</answer><answer>4</answer>", "answer") == "3"
     assert extract_tag("<tool>1+2", "tool") is None
+    assert extract_tag("<tool><tool>1</tool>", "tool") == "<tool>1"  # from the first opening tag
+    assert extract_tag("</tool><tool>2</tool>", "tool") == "2"
+
+
+def test_extract_tag_is_linear_on_unclosed_repeated_tags():
+    """Repeated opening tags with no closing tag (a quadratic case for a lazy regex: 96 kB took 12 s)."""
+
+    def hung(*_):
+        raise TimeoutError("extract_tag ran for more than 30 s on 800 kB")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)  # a guard against the hang (linear: milliseconds; quadratic: past 9 minutes), not a benchmark
+    try:
+        assert extract_tag("<action>" * 100_000, "action") is None
+        assert extract_tag("<action>" * 100_000 + "</action>", "action") == "<action>" * 99_999
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("308", 308),
+        ("0308", 308),
+        (" -136 ", -136),
+        ("+7", 7),
+        ("-0", 0),
+        ("77*4", None),
+        ("3+4", None),
+        ("(308)", None),
+        ("308.0", None),
+        ("1e3", None),
+        ("", None),
+        ("- 5", None),
+        ("٣", None),
+        ("9" * 65, None),
+    ],
+)
+def test_parse_integer(text, value):
+    assert parse_integer(text) == value
+
+
+def test_math_env_answers_are_parsed_not_evaluated():
+    """Restating the task as the answer is not a solution; leading zeros and signs are."""
+    env = MathToolEnv()
+    prompt = env.reset(3)
+    expression = prompt.removeprefix("Compute ").removesuffix(".\n")
+    result = calculate(expression)
+    assert env.step(f"<answer>{expression}</answer>").reward == -1.0  # the expression itself
+    env.reset(3)
+    assert env.step(f"<answer>{result}+0</answer>").reward == -1.0
+    env.reset(3)
+    padded = f"-{abs(result):05d}" if result < 0 else f"{result:05d}"
+    assert env.step(f"<answer>{padded}</answer>").reward == 1.0  # leading zeros
+    env.reset(3)
+    assert env.step(f"<answer> {result} </answer>").reward == 1.0
 
 
 # ---- math environment ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import StepResult, TextEnv, extract_tag
+from .base import StepResult, TextEnv, extract_tag, parse_integer
 from .calculator import CalculatorError, calculate
 from .math_tool import MathToolEnv
 
@@ -35,5 +35,6 @@ __all__ = [
     "TextEnv",
     "calculate",
     "extract_tag",
+    "parse_integer",
     "make_env",
 ]

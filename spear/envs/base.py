@@ -52,6 +52,28 @@ def cache_dir() -> Path:
 
 
 def extract_tag(text: str, tag: str) -> str | None:
-    """The content of the first ``<tag>...</tag>`` in ``text`` (stripped), or None."""
-    m = re.search(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL)
-    return None if m is None else m.group(1).strip()
+    """The content of the first ``<tag>...</tag>`` in ``text`` (stripped), or None.
+
+    Linear time: the first opening tag is found once, then the first closing tag after it (a regex with a lazy
+    group rescans from every opening tag and is quadratic on repeated opening tags with no closing tag).
+    """
+    open_tag, close_tag = f"<{tag}>", f"</{tag}>"
+    start = text.find(open_tag)
+    if start < 0:
+        return None
+    start += len(open_tag)
+    end = text.find(close_tag, start)
+    return None if end < 0 else text[start:end].strip()
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def parse_integer(text: str) -> int | None:
+    """The integer an answer states: optional sign, decimal digits (leading zeros allowed: ``0308`` is 308), and
+    surrounding whitespace; anything else (an expression such as ``77*4``, a unit, a float) is None. Answers are
+    parsed, never evaluated, so restating the task as the answer earns nothing."""
+    text = text.strip()
+    if len(text) > 64 or not _INTEGER.fullmatch(text):
+        return None
+    return int(text)

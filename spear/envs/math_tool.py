@@ -4,7 +4,8 @@ Each task is a chain of 1-4 operations on small integers, written with explicit 
 ``Compute ((37+48)*6)-15.``. In a turn the agent writes either ``<tool>expr</tool>``, which the safe
 calculator (:mod:`spear.envs.calculator`) evaluates and answers with ``<obs>value</obs>`` (or
 ``<obs>error: ...</obs>``), or ``<answer>value</answer>``, which ends the episode with reward +1 if the
-value equals the exact result and -1 otherwise. A turn with neither tag gets an ``<obs>error</obs>``;
+value is an integer (parsed, not evaluated: ``<answer>77*4</answer>`` restates the task and scores -1) equal to
+the exact result, and -1 otherwise. A turn with neither tag gets an ``<obs>error</obs>``;
 running out of turns ends the episode with -1. The expert computes one operation per tool call; with
 ``expert_direct_prob`` > 0 it instead answers that fraction of tasks at once, without the calculator (mental
 arithmetic: right, but a habit a small model imitates poorly, which leaves RL a tool-use lesson to learn).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from .base import StepResult, extract_tag
+from .base import StepResult, extract_tag, parse_integer
 from .calculator import CalculatorError, calculate, format_value
 
 OPS = ("+", "-", "*")
@@ -87,10 +88,8 @@ class MathToolEnv:
         tool = extract_tag(action_text, "tool")
         if answer is not None and (tool is None or answer_at < tool_at):
             self._done = True
-            try:
-                correct = calculate(answer) == self._problem[2]
-            except CalculatorError:
-                correct = False
+            value = parse_integer(answer)
+            correct = value is not None and value == self._problem[2]
             info = {"won": correct, "tool_call": False, "valid": True, "complete": True}
             return StepResult("", 1.0 if correct else -1.0, True, info)
         if tool is not None:
