@@ -5,7 +5,7 @@
     spear sft --preset tiny_math --output runs/sft
     spear eval --preset tiny_math --model runs/tiny_math_spear/checkpoints/step_000080
     spear plot runs/tiny_math_spear
-    spear compare --env math --seeds 0 1
+    spear compare --seeds 0 1 2 3 4 --jobs 2
 
 Config keys come from ``--preset`` < ``--config`` < ``key=value`` overrides (``docs/config.md``).
 """
@@ -18,11 +18,19 @@ import os
 import sys
 from pathlib import Path
 
+from .compare import DEFAULT_TASK, METHODS
 from .config import ConfigError, available_presets, load_config
 from .models import ModelLoadError
 
-COMPARE_METHODS = ("grpo", "drbot", "spear")
-METHOD_NAMES = {"grpo": "GRPO", "drbot": "GRPO + Dr.BoT", "spear": "GRPO + SPEAR"}
+# `spear compare --quick`: a smoke check of the whole pipeline in about a minute
+QUICK_STEPS = 4
+QUICK_OVERRIDES = (
+    "sft.steps=40",
+    "sft.num_examples=400",
+    "env.num_eval_tasks=16",
+    "trainer.test_freq=2",
+    "trainer.save_freq=2",
+)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -98,51 +106,26 @@ def cmd_build_model(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    """GRPO, Dr.BoT and SPEAR from one cold-start SFT model, same environment and seeds; prints a success table."""
-    from .models import default_model_path, load_policy
-    from .plot import success_table
-    from .trainer import Trainer, evaluate, latest_checkpoint, read_metrics, run_sft, sft_is_current
+    """Methods against each other over seeds from one cold-start SFT model (:mod:`spear.compare`)."""
+    from .compare import DEFAULT_SEEDS, run_compare
 
-    out = Path(args.output or f"runs/compare_{args.env}")
-    presets = {m: f"tiny_{args.env}_{m}" for m in COMPARE_METHODS}
-    for name in presets.values():
-        if name not in available_presets():
-            raise ConfigError(f"spear compare --env {args.env}: no preset {name!r}")
-    base = load_config(preset=f"tiny_{args.env}", overrides=args.overrides)
-    sft_dir = out / "sft"
-    base_model = base.actor_rollout_ref.model.path or default_model_path(base.env.name)
-    if not sft_is_current(base, base_model, sft_dir):
-        run_sft(base, sft_dir, model_path=base_model, progress=not args.quiet)
-    model, tokenizer = load_policy(sft_dir)
-    start = evaluate(model, tokenizer, base)["val/success"]
-    rows: dict[str, dict[str, float]] = {"SFT (start)": {f"seed {s}": start for s in args.seeds}}
-    for method, preset in presets.items():
-        rows[METHOD_NAMES[method]] = {}
-        for seed in args.seeds:
-            run_dir = out / f"{method}_seed{seed}"
-            extra = [
-                f"actor_rollout_ref.model.path={sft_dir}",
-                "trainer.cold_start_sft=false",
-                f"trainer.seed={seed}",
-                f"trainer.default_local_dir={run_dir}",
-            ]
-            if args.steps:
-                extra.append(f"trainer.total_training_steps={args.steps}")
-            cfg = load_config(preset=preset, overrides=list(args.overrides) + extra)
-            latest = latest_checkpoint(run_dir)
-            done = latest is not None and latest.name == f"step_{cfg.trainer.total_training_steps:06d}"
-            if not done:
-                if not args.quiet:
-                    print(f"== {METHOD_NAMES[method]}, seed {seed} -> {run_dir}", file=sys.stderr)
-                Trainer(cfg, resume=latest is not None, progress=not args.quiet).fit()
-            evals = [r for r in read_metrics(run_dir) if "val/success" in r]
-            rows[METHOD_NAMES[method]][f"seed {seed}"] = evals[-1]["val/success"]
-    table = success_table(rows, [f"seed {s}" for s in args.seeds])
-    (out / "results.md").write_text(
-        f"Evaluation success (%) on {base.env.num_eval_tasks} held-out {args.env} tasks after "
-        f"{args.steps or 'the preset'} steps.\n\n{table}\n"
+    seeds = args.seeds or (list(DEFAULT_SEEDS[:2]) if args.quick else list(DEFAULT_SEEDS))
+    steps = args.steps or (QUICK_STEPS if args.quick else 0)
+    overrides = list(args.overrides)
+    if args.quick:
+        overrides = [*QUICK_OVERRIDES, *overrides]
+    results = run_compare(
+        task=args.task,
+        methods=args.methods,
+        seeds=seeds,
+        steps=steps,
+        output=args.output,
+        jobs=args.jobs,
+        threshold=args.threshold,
+        overrides=overrides,
+        log=(lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)),
     )
-    print(table)
+    print(results["table"])
     return 0
 
 
@@ -174,13 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="the PNG path (default: RUN_DIR/plots/curves.png)")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("compare", help="GRPO vs Dr.BoT vs SPEAR on the same environment and seeds")
-    p.add_argument("--env", default="math", help="the environment (presets tiny_<env>_{grpo,drbot,spear})")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=0, help="training steps per run (default: the preset's)")
-    p.add_argument("--output", help="the output directory (default: runs/compare_<env>)")
+    p = sub.add_parser("compare", help="methods against each other over seeds, with 95% intervals")
+    p.add_argument("--task", default=DEFAULT_TASK, help=f"the task preset (default {DEFAULT_TASK})")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=list(METHODS),
+        metavar="METHOD",
+        help=f"methods (presets method_<name>): {', '.join(METHODS)} (default: all)",
+    )
+    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: 0 1 2 3 4; --quick: 0 1)")
+    p.add_argument("--steps", type=int, default=0, help="training steps per run (default: the task preset's)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each (default 2)")
+    p.add_argument("--threshold", type=float, default=0.5, help="success for 'steps to threshold' (default 0.5)")
+    p.add_argument("--output", help="the output directory (default: runs/compare_<task>)")
+    p.add_argument("--quick", action="store_true", help="a smoke check: 2 seeds, few steps, a short SFT")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run and the SFT")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("build-model", help="build the tiny Qwen2 model and tokenizer for an environment")

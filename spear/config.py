@@ -13,7 +13,7 @@ default, what the reference code did, and our choice.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional  # noqa: UP035 (OmegaConf needs the typing generics)
@@ -130,7 +130,7 @@ class AlgorithmConfig:
 
     use_toolcall_reward: str = "cosine"
     max_toolcall_steps: int = 100
-    toolcall_reward_variant: str = "per_turn"  # per_turn: min(0.1 k, 1) (reference) | any: full factor if k > 0
+    toolcall_reward_variant: str = "per_turn"  # per_turn: min(0.1 k, 1) | success: full factor on a success (_qwen3)
     norm_adv_by_std_in_grpo: bool = False
     adv_estimator: str = "grpo"
     gamma: float = 0.95  # GiGPO step-level discount
@@ -170,6 +170,10 @@ class SftConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
+    # then this many steps on transcripts in which the expert answers every task at once, without the tool
+    # (math: expert_direct_prob 1): a cold start that keeps the tool skill but rarely uses it (tiny_math_hard)
+    direct_steps: int = 0
+    direct_lr: float = 3e-4
 
 
 @dataclass
@@ -299,6 +303,13 @@ def validate(cfg: SpearConfig) -> SpearConfig:
     for key in ("num_examples", "steps", "batch_size"):
         _check_range(f"sft.{key}", getattr(cfg.sft, key), 1)
     _check_range("sft.lr", cfg.sft.lr, 0, lo_open=True)
+    _check_range("sft.direct_steps", cfg.sft.direct_steps, 0)
+    _check_range("sft.direct_lr", cfg.sft.direct_lr, 0, lo_open=True)
+    if cfg.sft.direct_steps and cfg.env.name != "math":
+        raise ConfigError(
+            "sft.direct_steps needs an environment whose expert can answer without the tool (math), "
+            f"not {cfg.env.name!r}"
+        )
     _check_range("sft.weight_decay", cfg.sft.weight_decay, 0)
     t = cfg.trainer
     _check_range("trainer.total_training_steps", t.total_training_steps, 1)
@@ -311,7 +322,7 @@ def validate(cfg: SpearConfig) -> SpearConfig:
     for name in t.logger:
         _check_choice("trainer.logger", name, LOGGERS)
     _check_range("algorithm.max_toolcall_steps", alg.max_toolcall_steps, 1)
-    _check_choice("algorithm.toolcall_reward_variant", alg.toolcall_reward_variant, ("per_turn", "any"))
+    _check_choice("algorithm.toolcall_reward_variant", alg.toolcall_reward_variant, ("per_turn", "success"))
     _check_choice("algorithm.adv_estimator", alg.adv_estimator, ADV_ESTIMATORS)
     _check_range("algorithm.gamma", alg.gamma, 0, 1)
     _check_range("algorithm.step_advantage_w", alg.step_advantage_w, 0)
@@ -370,17 +381,24 @@ def _merge(base: DictConfig, node: DictConfig, what: str) -> DictConfig:
         raise ConfigError(f"{what}: bad value for {key!r}: {msg}") from None
 
 
-def load_config(source: Any = None, *, preset: str | None = None, overrides: Iterable[str] = ()) -> SpearConfig:
+def load_config(
+    source: Any = None, *, preset: str | Sequence[str] | None = None, overrides: Iterable[str] = ()
+) -> SpearConfig:
     """Builds a validated :class:`SpearConfig`.
 
     Args:
         source: a YAML file path, a dict (nested like the YAML), or None for the defaults.
-        preset: a name from :func:`available_presets` (``spear/presets/<name>.yaml``), applied before ``source``.
+        preset: a name from :func:`available_presets` (``spear/presets/<name>.yaml``), or several applied in order
+            (``["tiny_math_hard", "method_spear"]``: a task, then a method), applied before ``source``.
         overrides: dotted ``key=value`` strings, e.g. ``["algorithm.max_toolcall_steps=50"]``, applied last.
     """
     cfg = OmegaConf.structured(SpearConfig)
-    if preset is not None:
-        for name in _preset_chain(preset):
+    names = [] if preset is None else [preset] if isinstance(preset, str) else list(preset)
+    chain: list[str] = []
+    for top in names:
+        chain += [name for name in _preset_chain(top) if name not in chain]
+    if chain:
+        for name in chain:
             node = _as_node(PRESET_DIR / f"{name}.yaml", f"preset {name}")
             node.pop("base", None)
             cfg = _merge(cfg, node, f"preset {name}")

@@ -1,4 +1,4 @@
-"""PNG curves of a run directory (``spear plot RUN_DIR``) and the comparison table (``spear compare``)."""
+"""PNG curves of a run directory (``spear plot RUN_DIR``)."""
 
 from __future__ import annotations
 
@@ -54,15 +54,3 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
-
-
-def success_table(rows: dict[str, dict[str, float]], columns: Sequence[str]) -> str:
-    """A markdown table: one row per method, one column per seed plus the mean (success rates in %)."""
-    header = "| method | " + " | ".join(columns) + " | mean |"
-    lines = [header, "|" + " --- |" * (len(columns) + 2)]
-    for method, by_col in rows.items():
-        values = [by_col[c] for c in columns if c in by_col]
-        cells = [f"{100 * by_col[c]:.1f}" if c in by_col else "-" for c in columns]
-        mean = f"{100 * sum(values) / len(values):.1f}" if values else "-"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {mean} |")
-    return "\n".join(lines)

@@ -2,10 +2,11 @@
 
 Per training step ``t`` the trainer calls, in this order::
 
-    buffer.drop_stale(t)                 # forget entries older than the tolerance
+    buffer.drop_stale(t)                 # forget entries older than the tolerance (staleness `current`)
     replay = buffer.sample()             # None, or a batch to replay once (data from steps <= t - 1)
     ... on-policy update, then the self-imitation update on `replay` ...
     buffer.add(t, tensors, rewards, advantages, group_ids, loss_mask)   # admit this step's good trajectories
+                                         # (staleness `newest_capped` ages entries out here first, as the reference)
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class TrajectoryReplayBuffer:
         self._rows: list[dict[str, Any]] = []
         self._generator = torch.Generator().manual_seed(seed)
         self.replay_events = 0
+        self.dropped_before_add = 0  # newest_capped: rows the last add() aged out first
 
     @classmethod
     def from_config(cls, cfg, seed: int = 0) -> TrajectoryReplayBuffer:
@@ -114,6 +116,11 @@ class TrajectoryReplayBuffer:
         for name, t in tensors.items():
             if t.shape[0] != b:
                 raise ValueError(f"tensor {name!r} has {t.shape[0]} rows, expected {b}")
+        self.dropped_before_add = 0
+        if self.staleness == "newest_capped" and self._rows:
+            self.dropped_before_add = self._drop_older_than(
+                max(r["step"] for r in self._rows), min(self.tolerate_steps, 10)
+            )
         mean, std, count, _ = sk.group_stats(rewards, list(group_ids))
         multi = count > 1
         if self.baseline_mode == "rewards":
@@ -135,13 +142,17 @@ class TrajectoryReplayBuffer:
         return int(admit.sum())
 
     def drop_stale(self, step: int) -> int:
-        """Forgets entries older than the tolerance; returns how many were dropped."""
-        if not self._rows:
+        """Forgets entries older than the tolerance (``current``: age from ``step``); returns how many were dropped.
+
+        ``newest_capped`` drops nothing here: as in the reference, its entries are aged from the newest stored entry
+        right before :meth:`add` admits the next step's rows, so a replay at step ``t`` still sees entries up to
+        ``min(tolerate_steps, 10)`` steps older than those of ``t - 2``.
+        """
+        if not self._rows or self.staleness != "current":
             return 0
-        if self.staleness == "current":
-            ref, limit = step, self.tolerate_steps
-        else:
-            ref, limit = max(r["step"] for r in self._rows), min(self.tolerate_steps, 10)
+        return self._drop_older_than(step, self.tolerate_steps)
+
+    def _drop_older_than(self, ref: int, limit: int) -> int:
         before = len(self._rows)
         self._rows = [r for r in self._rows if ref - r["step"] <= limit]
         return before - len(self._rows)
@@ -166,7 +177,10 @@ class TrajectoryReplayBuffer:
         return self.weight_decay * torch.tensor([r["advantage"] for r in self._rows], dtype=torch.float32)
 
     def num_good(self) -> int:
-        """Stored rows whose reward is above the baseline."""
+        """The rows the trigger counts: with ``weight_decay == -1``, stored rows whose reward is above the baseline;
+        with ``w in (0, 1]``, every stored row (as the reference counted them: it replays all of them)."""
+        if self.weight_decay != -1:
+            return len(self._rows)
         base = self.baseline()
         return sum(r["reward"] > base for r in self._rows)
 

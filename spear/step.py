@@ -152,7 +152,12 @@ class SpearStep:
                 )
             bonus = torch.zeros(n)
         else:
-            bonus = toolcall_bonus(batch.tool_turns.tolist(), factor, variant=alg.toolcall_reward_variant)
+            bonus = toolcall_bonus(
+                batch.tool_turns.tolist(),
+                factor,
+                variant=alg.toolcall_reward_variant,
+                success=batch.outcome.float().cpu() > 0,
+            )
         outcome = batch.outcome.float().cpu()
         token_rewards = add_to_last_token(torch.zeros_like(mask), mask, outcome + bonus)
         scores = token_rewards.sum(-1)
@@ -194,6 +199,10 @@ class SpearStep:
         metrics["rollout_filter/rows_kept"] = float(len(kept))
         # advantages
         kept.traj_adv = trajectory_advantages(kept, norm_by_std=alg.norm_adv_by_std_in_grpo)
+        if len(kept):
+            _, std, _, _ = sk.group_stats(kept.scores.float(), list(kept.uids))
+            metrics["advantage/abs_mean"] = float(kept.traj_adv.abs().mean())
+            metrics["advantage/signal_groups"] = float((std > 0).float().mean())  # groups whose scores differ
         kept.tensors["advantages"] = self.token_advantages(kept)
         return kept, metrics
 
@@ -278,6 +287,8 @@ class SpearStep:
             metrics["replay/admitted"] = float(
                 self.buffer.add(step, tensors, batch.scores, batch.traj_adv, batch.uids, batch.tensors["response_mask"])
             )
+        if self.buffer.staleness == "newest_capped":
+            metrics["replay/dropped_stale"] = float(self.buffer.dropped_before_add)
         metrics["replay/buffer_size"] = float(len(self.buffer))
         metrics["replay/events"] = float(self.buffer.replay_events)
         return metrics
@@ -367,4 +378,3 @@ def check_update_config(cfg: SpearConfig) -> None:
             f"actor_rollout_ref.rollout.rollout_filter_ratio={ratio} keeps int({ratio} * {groups}) = 0 of the "
             f"data.train_batch_size={groups} groups: no step would train; raise either"
         )
-

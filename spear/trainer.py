@@ -163,11 +163,10 @@ def run_sft(
     cfg: SpearConfig, output_dir: str | Path, *, model_path: str | Path | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Cold-start SFT: next-token cross-entropy on the expert's assistant tokens; saves the model to ``output_dir``.
+    With ``sft.direct_steps``, a second stage on transcripts where the expert answers at once (no tool call).
 
-    Returns ``{"loss_first", "loss_last", "steps", "output"}`` and writes them to ``output_dir/spear_sft.json``.
+    Returns ``{"loss_first", "loss_last", "steps", "output", ...}`` and writes them to ``output_dir/spear_sft.json``.
     """
-    from tqdm.auto import tqdm
-
     s = cfg.sft
     _set_threads(cfg)
     path = model_path or cfg.actor_rollout_ref.model.path or default_model_path(cfg.env.name)
@@ -183,18 +182,63 @@ def run_sft(
     )
     generator = torch.Generator().manual_seed(cfg.trainer.seed)
     torch.manual_seed(cfg.trainer.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    warmup = max(1, s.steps // 20)
+    losses = _sft_loop(model, data, s.steps, s.lr, cfg, generator, desc="sft", progress=progress)
+    direct_losses = []
+    if s.direct_steps:
+        # the second stage: the expert answers every task at once, without the tool
+        direct_cfg = copy.deepcopy(cfg)
+        direct_cfg.env.kwargs = {**direct_cfg.env.kwargs, "expert_direct_prob": 1.0}
+        direct = collate(
+            expert_episodes(direct_cfg, tokenizer, s.num_examples),
+            pad_id=tokenizer.pad_token_id,
+            max_prompt_length=cfg.data.max_prompt_length,
+            response_length=r.response_length,
+        )
+        direct_losses = _sft_loop(
+            model, direct, s.direct_steps, s.direct_lr, cfg, generator, desc="sft (direct answers)", progress=progress
+        )
+    out = Path(output_dir)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    summary = {
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "steps": s.steps,
+        "direct_steps": s.direct_steps,
+        "direct_loss_last": direct_losses[-1] if direct_losses else None,
+        "examples": len(episodes),
+        "base_model": str(path),
+        "output": str(out),
+        "key": _sft_key(cfg, path),
+    }
+    (tmp / "spear_sft.json").write_text(json.dumps(summary, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return summary
+
+
+def _sft_loop(model, data: dict, steps: int, lr: float, cfg: SpearConfig, generator, *, desc: str, progress: bool):
+    """``steps`` AdamW steps of next-token cross-entropy on the assistant tokens of ``data`` (shuffled batches,
+    linear warm-up over 5% of the steps then cosine decay to 0); returns the losses."""
+    from tqdm.auto import tqdm
+
+    s = cfg.sft
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=s.weight_decay)
+    warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, s.steps) / s.steps))
+        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
     )
+    n = data["responses"].shape[0]
     losses = []
-    order = torch.randperm(len(episodes), generator=generator)
+    order = torch.randperm(n, generator=generator)
     cursor = 0
-    bar = tqdm(range(s.steps), desc="sft", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for _ in bar:
         if cursor + s.batch_size > len(order):
-            order, cursor = torch.randperm(len(episodes), generator=generator), 0
+            order, cursor = torch.randperm(n, generator=generator), 0
         idx = order[cursor : cursor + s.batch_size]
         cursor += s.batch_size
         batch = {k: v[idx] for k, v in data.items()}
@@ -208,25 +252,7 @@ def run_sft(
         schedule.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    out = Path(output_dir)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    summary = {
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "steps": s.steps,
-        "examples": len(episodes),
-        "base_model": str(path),
-        "output": str(out),
-        "key": _sft_key(cfg, path),
-    }
-    (tmp / "spear_sft.json").write_text(json.dumps(summary, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return summary
+    return losses
 
 
 def _sft_key(cfg: SpearConfig, base_model) -> dict:
@@ -496,46 +522,68 @@ class Trainer:
         ]
         return torch.cat(out) if out else torch.zeros_like(batch["response_mask"])
 
-    def _update(self, batch: dict, *, replay: bool, weight: float = 1.0, step_optimizer: bool = True) -> dict:
-        """PPO epochs over mini-batches (one optimizer step each) of micro-batches (gradient accumulation).
+    def _update(self, on_policy: dict | None, replay_rows: dict | None, weight: float) -> dict:
+        """The on-policy update and the self-imitation update, interleaved per PPO epoch as in the reference: each
+        epoch runs the on-policy mini-batches, then the replay mini-batches (one optimizer step each, over
+        micro-batches accumulating gradients).
 
-        ``batch`` holds only rows with a non-empty loss mask. The partition into mini-batches is
+        Batches hold only rows with a non-empty loss mask. The partition into mini-batches is
         :func:`spear.step.minibatches` (the same in every epoch, as in the verl recipe); each mini-batch's loss is
-        normalised by its own tokens / rows (:func:`spear.step.normalisers`). ``step_optimizer=False``
-        (``replay_update: mixed``): one pass over the whole batch as a single mini-batch, accumulating gradients
-        for an optimizer step taken by the caller.
+        normalised by its own tokens / rows (:func:`spear.step.normalisers`). With ``replay_update: mixed`` and a
+        replay batch: one pass over each batch as a single mini-batch, and one optimizer step for both.
         """
         a = self.cfg.actor_rollout_ref.actor
-        n = batch["responses"].shape[0]
-        suffix = "_replay" if replay else ""
-        records, grad_norms, skipped = [], [], 0
-        if step_optimizer:
-            epochs, minis = a.ppo_epochs, minibatches(n, a.ppo_mini_batch_size, self.shuffle_gen)
+        mixed = a.replay_update == "mixed" and replay_rows is not None
+        parts = [(b, replay) for b, replay in ((on_policy, False), (replay_rows, True)) if b is not None]
+        if mixed:
+            epochs, minis = 1, [torch.arange(b["responses"].shape[0]) for b, _ in parts]
         else:
-            epochs, minis = 1, [torch.arange(n)]
+            epochs = a.ppo_epochs
+            minis = [minibatches(b["responses"].shape[0], a.ppo_mini_batch_size, self.shuffle_gen) for b, _ in parts]
+        records = {False: [], True: []}
+        grad_norms = {False: [], True: []}
+        skipped = {False: 0, True: 0}
+        if mixed:
+            self.optimizer.zero_grad(set_to_none=True)
         for _ in range(epochs):
-            for mini in minis:
-                norms = normalisers(batch["response_mask"], mini)
-                if step_optimizer:
-                    self.optimizer.zero_grad(set_to_none=True)
-                for u0 in range(0, len(mini), a.ppo_micro_batch_size):
-                    rows = mini[u0 : u0 + a.ppo_micro_batch_size]
-                    logp, ent = self._forward(self.model, batch, rows, entropy=True)
-                    micro = {k: v[rows] for k, v in batch.items() if k in UPDATE_KEYS}
-                    loss, metrics = update_loss(
-                        self.cfg, logp, ent, micro, replay=replay, weight=weight, norms=norms, generator=self.loss_gen
-                    )
-                    loss.backward()
-                    records.append(metrics)
-                if step_optimizer:
-                    gn, ok = self._optimizer_step()
-                    grad_norms.append(gn)
-                    skipped += int(not ok)
-        out = _mean_metrics(records)
-        if grad_norms:
-            out[f"grad_norm{suffix}"] = sum(grad_norms) / len(grad_norms)
-        out[f"optim/skipped_steps{suffix}"] = float(skipped)
-        return {f"actor/{k}": v for k, v in out.items()}
+            for (batch, replay), part_minis in zip(parts, minis, strict=True):
+                for mini in [part_minis] if mixed else part_minis:
+                    if not mixed:
+                        self.optimizer.zero_grad(set_to_none=True)
+                    records[replay] += self._accumulate(batch, mini, replay=replay, weight=weight if replay else 1.0)
+                    if not mixed:
+                        gn, ok = self._optimizer_step()
+                        grad_norms[replay].append(gn)
+                        skipped[replay] += int(not ok)
+        out: dict[str, float] = {}
+        for _, replay in parts:
+            suffix = "_replay" if replay else ""
+            m = _mean_metrics(records[replay])
+            if grad_norms[replay]:
+                m[f"grad_norm{suffix}"] = sum(grad_norms[replay]) / len(grad_norms[replay])
+            m[f"optim/skipped_steps{suffix}"] = float(skipped[replay])
+            out.update({f"actor/{k}": v for k, v in m.items()})
+        if mixed:
+            gn, ok = self._optimizer_step()
+            out["actor/grad_norm"] = gn
+            out["actor/optim/skipped_steps"] = float(not ok)
+        return out
+
+    def _accumulate(self, batch: dict, mini: torch.Tensor, *, replay: bool, weight: float) -> list[dict]:
+        """Back-propagates one mini-batch's loss over its micro-batches; returns their metrics."""
+        a = self.cfg.actor_rollout_ref.actor
+        norms = normalisers(batch["response_mask"], mini)
+        records = []
+        for u0 in range(0, len(mini), a.ppo_micro_batch_size):
+            rows = mini[u0 : u0 + a.ppo_micro_batch_size]
+            logp, ent = self._forward(self.model, batch, rows, entropy=True)
+            micro = {k: v[rows] for k, v in batch.items() if k in UPDATE_KEYS}
+            loss, metrics = update_loss(
+                self.cfg, logp, ent, micro, replay=replay, weight=weight, norms=norms, generator=self.loss_gen
+            )
+            loss.backward()
+            records.append(metrics)
+        return records
 
     def _optimizer_step(self) -> tuple[float, bool]:
         clip = self.cfg.actor_rollout_ref.actor.optim.grad_clip
@@ -549,7 +597,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One SPEAR step (:mod:`spear.step`): rollout, then the shared step around this trainer's updates."""
         cfg, step = self.cfg, self.step + 1
-        a, r = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
+        r = cfg.actor_rollout_ref.rollout
         t0 = time.perf_counter()
         tasks = self.task_seeds(step)
         seeds = [s for s in tasks for _ in range(r.n)]
@@ -589,18 +637,9 @@ class Trainer:
         replay_rows, weight, replay_metrics = self.spear.replay(step)
         metrics.update(replay_metrics)
         train_rows = torch.nonzero(rows["response_mask"].sum(-1) > 0).squeeze(1)
-        on_policy = {k: v[train_rows] for k, v in rows.items()}
-        one_step = a.replay_update == "mixed" and replay_rows is not None  # one optimizer step for both
-        if one_step:
-            self.optimizer.zero_grad(set_to_none=True)
-        if len(train_rows):
-            metrics.update(self._update(on_policy, replay=False, step_optimizer=not one_step))
-        if replay_rows is not None:
-            metrics.update(self._update(replay_rows, replay=True, weight=weight, step_optimizer=not one_step))
-            if one_step:
-                gn, ok = self._optimizer_step()
-                metrics["actor/grad_norm"] = gn
-                metrics["actor/optim/skipped_steps"] = float(not ok)
+        on_policy = {k: v[train_rows] for k, v in rows.items()} if len(train_rows) else None
+        if on_policy is not None or replay_rows is not None:
+            metrics.update(self._update(on_policy, replay_rows, weight))
         # 8. admission (after the update: replay at t uses data <= t - 1)
         metrics.update(self.spear.admit(batch, step))
         t_end = time.perf_counter()

@@ -56,9 +56,19 @@ def test_toolcall_bonus():
         atol=1e-7,
         rtol=0,
     )
+    # the reference's _qwen3 reward: the full factor for a successful trajectory that used the tool, the per-turn
+    # bonus otherwise (failures, and successes without a tool call)
     assert_close(
-        "any", rewards.toolcall_bonus([0, 1, 7], 0.5, variant="any"), torch.tensor([0, 0.5, 0.5]), atol=0, rtol=0
+        "success",
+        rewards.toolcall_bonus([0, 1, 7, 2, 0], 0.5, variant="success", success=[True, True, False, False, False]),
+        torch.tensor([0, 0.5, 0.35, 0.1, 0]),
+        atol=1e-7,
+        rtol=0,
     )
+    with pytest.raises(ValueError, match="needs each trajectory's success"):
+        rewards.toolcall_bonus([1], 0.5, variant="success")
+    with pytest.raises(ValueError, match="'per_turn' or 'success'"):
+        rewards.toolcall_bonus([1], 0.5, variant="any")
     with pytest.raises(ValueError):
         rewards.toolcall_bonus([-1], 1.0)
     token_rewards = torch.zeros(3, 4)
@@ -283,6 +293,41 @@ def test_replay_staleness_and_recalibration_modes():
     p50_std = (0.70710678 + 1.41421356) / 2  # the 50th percentile interpolates between the two stds
     expected = (torch.tensor([1.0, 3.0]) - 1.0) / (p50_std + 1e-6)
     assert_close("normalised", norm.recalibrated_advantages(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_newest_capped_ages_entries_out_right_before_admission_as_the_reference():
+    """The reference runs ``remove_old`` (age from the newest stored entry, tolerance capped at 10) after the update
+    and before admitting the step's rows, and samples without dropping. With admissions at every step 1..12, the
+    replay at step 13 still sees step 1's rows (aged out by step 13's admission, not before its replay)."""
+    buf = TrajectoryReplayBuffer(
+        buffer_size=1000, score_threshold=0.0, tolerate_steps=50, staleness="newest_capped", baseline_size=4
+    )
+    for t in range(1, 13):
+        buf.drop_stale(t)
+        assert buf.sample() is None  # B = 1000: never triggers here
+        buf.add(t, *_step_batch(t, [1, 0, 3, 1], ["a", "a", "b", "b"]))
+    buf.drop_stale(13)
+    assert min(r["step"] for r in buf._rows) == 1  # a replay at step 13 would see step 1
+    buf.add(13, *_step_batch(13, [1, 0, 3, 1], ["a", "a", "b", "b"]))  # ages from step 12: step 1 is 11 old
+    assert min(r["step"] for r in buf._rows) == 2 and buf.dropped_before_add == 2
+
+
+def test_decay_mode_triggers_on_every_stored_row():
+    """With ``w in (0, 1]`` the trigger counts every stored row (the reference's ``get_buffer_size``), not only the
+    rows above the p50 baseline: 4 stored rows with B = 2 (trigger > 3) replay although none beats the baseline."""
+    buf = TrajectoryReplayBuffer(buffer_size=2, score_threshold=0.0, weight_decay=0.5, baseline_size=16)
+    buf.add(1, *_step_batch(1, [0, 0, 0, 0, 0, 0, 0, 0], list("aaaabbbb")))  # fills the baseline with 0
+    buf.add(2, *_step_batch(2, [0, 0, 0, 1, 0, 0, 0, 1], list("ccccdddd")))  # admits the two rows with R = 1
+    buf.add(3, *_step_batch(3, [0, 0, 0, 1, 0, 0, 0, 1], list("eeeeffff")))
+    buf._baseline.extend([5.0] * 16)  # a baseline above every stored reward
+    assert len(buf) == 4 and buf.num_good() == 4 and buf.ready()
+    batch = buf.sample()
+    assert batch is not None and len(batch["rewards"]) == 2
+    assert_close("decayed", batch["advantages"], torch.full((2,), 0.5 * 0.75), atol=1e-6, rtol=0)
+    minus_one = TrajectoryReplayBuffer(buffer_size=2, score_threshold=0.0, weight_decay=-1, baseline_size=16)
+    minus_one._rows = [{"step": 2, "reward": 1.0, "advantage": 0.75, "group": "c", "tensors": {}} for _ in range(4)]
+    minus_one._baseline.extend([5.0] * 16)
+    assert minus_one.num_good() == 0 and not minus_one.ready()  # -1 counts the rows above the baseline only
 
 
 def test_replay_state_dict_round_trip_continues_identically():

@@ -290,6 +290,30 @@ def test_presets_reproduce_the_reference_settings():
     ) == (0.0002, 1, 5)
     assert load_config(preset="alfworld_gigpo_spear").algorithm.adv_estimator == "gigpo"
     assert not load_config(preset="alfworld_grpo_drbot").actor_rollout_ref.actor.enable_trajectory_replay
+    math = load_config(preset="math_qwen3_32b_spear")
+    assert (math.actor_rollout_ref.actor.trajectory_tolerate_steps, math.algorithm.max_toolcall_steps) == (5, 200)
+    assert math.algorithm.toolcall_reward_variant == "success"  # the _qwen3 reward
+
+
+REFERENCE_SPEAR = [
+    "alfworld_grpo_spear",
+    "alfworld_gigpo_spear",
+    "webshop_grpo_spear",
+    "webshop_gigpo_spear",
+    "math_qwen3_32b_spear",
+]
+
+
+def test_reference_presets_set_the_reference_buffer_options():
+    """The presets that reproduce the reference scripts run the reference buffer (group-stats baseline, staleness
+    from the newest entry capped at 10); the reference Dr.BoT scripts ran vanilla clipping, as method_drbot does."""
+    for name in REFERENCE_SPEAR:
+        a = load_config(preset=name).actor_rollout_ref.actor
+        assert (a.replay_baseline, a.replay_staleness) == ("group_stats", "newest_capped"), name
+    drbot = [p for p in available_presets() if p.endswith("_drbot")]
+    assert len(drbot) == 8
+    for name in drbot:
+        assert load_config(preset=name).actor_rollout_ref.actor.policy_loss.loss_mode == "vanilla", name
 
 
 def test_docs_page_lists_every_key():

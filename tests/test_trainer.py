@@ -206,6 +206,36 @@ def test_sft_lowers_the_loss_and_saves_a_loadable_model(tiny_model, tmp_path):
     assert json.loads((tmp_path / "sft" / "spear_sft.json").read_text())["steps"] == 30
 
 
+def test_sft_direct_stage_trains_on_answers_without_the_tool(tiny_model, tmp_path, monkeypatch):
+    """``sft.direct_steps``: after the main stage (tool transcripts), a stage on transcripts that answer at once."""
+    import spear.trainer as trainer_module
+
+    stages = []
+    loop = trainer_module._sft_loop
+
+    def record(model, data, steps, lr, cfg, generator, *, desc, progress):
+        stages.append((steps, lr, data))
+        return loop(model, data, steps, lr, cfg, generator, desc=desc, progress=progress)
+
+    monkeypatch.setattr(trainer_module, "_sft_loop", record)
+    cfg = small_cfg(
+        tiny_model, tmp_path / "run", "sft.steps=4", "sft.direct_steps=3", "sft.direct_lr=1e-4", "sft.num_examples=64"
+    )
+    _, tokenizer = load_policy(tiny_model)
+    summary = run_sft(cfg, tmp_path / "sft", progress=False)
+    assert [(steps, lr) for steps, lr, _ in stages] == [(4, cfg.sft.lr), (3, 1e-4)]
+    assert summary["direct_steps"] == 3 and summary["direct_loss_last"] > 0
+
+    def texts(data):
+        return [tokenizer.decode(r[m.bool()]) for r, m in zip(data["responses"], data["response_mask"], strict=True)]
+
+    assert any("<tool>" in t for t in texts(stages[0][2]))  # the main stage uses the calculator
+    direct = texts(stages[1][2])
+    assert len(direct) == 64 and all(t.startswith("<answer>") and "<tool>" not in t for t in direct)
+    with pytest.raises(ConfigError, match="direct_steps needs"):
+        load_config(preset="tiny_textworld", overrides=["sft.direct_steps=5"])
+
+
 def test_two_step_smoke_training(sft_model, tmp_path):
     cfg = small_cfg(sft_model, tmp_path / "run")
     trainer = Trainer(cfg, progress=False)
@@ -460,3 +490,43 @@ def test_textworld_training_smoke(tmp_path, monkeypatch):
     assert [r["step"] for r in records] == [0, 1]
     assert records[1]["train/turns"] >= 1
     assert len(list((tmp_path / "cache" / "textworld").rglob("*.z8"))) == 2  # only the two training games
+
+
+def test_replay_epochs_interleave_with_on_policy_epochs(sft_model, tmp_path, monkeypatch):
+    """With ``ppo_epochs`` 2 and a replay batch, each epoch runs the on-policy mini-batches then the replay ones (the
+    reference's order), one optimizer step per mini-batch, replay weighted by ``w_sil``."""
+    cfg = small_cfg(
+        sft_model,
+        tmp_path / "run",
+        "actor_rollout_ref.actor.ppo_epochs=2",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+    )
+    trainer = Trainer(cfg, progress=False)
+    order, steps = [], []
+    accumulate, optimizer_step = trainer._accumulate, trainer._optimizer_step
+
+    def record(batch, mini, *, replay, weight):
+        order.append(("replay" if replay else "on", len(mini), weight))
+        return accumulate(batch, mini, replay=replay, weight=weight)
+
+    def count():
+        steps.append(order[-1][0])
+        return optimizer_step()
+
+    monkeypatch.setattr(trainer, "_accumulate", record)
+    monkeypatch.setattr(trainer, "_optimizer_step", count)
+    rows = {
+        "prompts": torch.randint(3, 20, (6, 4)),
+        "prompt_mask": torch.ones(6, 4, dtype=torch.long),
+        "responses": torch.randint(3, 20, (6, 5)),
+        "response_attn": torch.ones(6, 5, dtype=torch.long),
+        "response_mask": torch.ones(6, 5),
+        "advantages": torch.randn(6, 5),
+    }
+    rows["old_log_probs"] = trainer._logprobs_no_grad(trainer.model, rows)
+    replay = {k: v[:2].clone() for k, v in rows.items()}
+    metrics = trainer._update(rows, replay, 0.25)
+    # on-policy: 6 rows in mini-batches of 4 (4 + 2); replay: 2 rows; the same partition in both epochs
+    assert order == [("on", 4, 1.0), ("on", 2, 1.0), ("replay", 2, 0.25)] * 2
+    assert steps == ["on", "on", "replay"] * 2
+    assert metrics["actor/grad_norm"] > 0 and metrics["actor/grad_norm_replay"] > 0

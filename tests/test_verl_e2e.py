@@ -140,7 +140,7 @@ def test_stock_grpo_with_a_spear_loss(sft_model, dataset, workdir):
         assert s["num_turns/max"] >= 3  # multi-turn: at least one tool call and its observation
 
 
-def spear_overrides(model, dataset, run_dir, workers: int = 1) -> list[str]:
+def spear_overrides(model, dataset, run_dir, workers: int = 1, save_freq: int = 1) -> list[str]:
     return [
         *common_overrides(model, dataset, run_dir, workers),
         *[f"+spear.env.kwargs.{k}={v}" for k, v in ENV_KWARGS.items()],
@@ -155,7 +155,7 @@ def spear_overrides(model, dataset, run_dir, workers: int = 1) -> list[str]:
         # a reference policy and the KL term on-policy (replay has none: it needs no reference log-probs)
         "actor_rollout_ref.actor.use_kl_loss=true",
         "actor_rollout_ref.actor.kl_loss_coef=0.01",
-        "trainer.save_freq=1",
+        f"trainer.save_freq={save_freq}",
     ]
 
 
@@ -204,7 +204,7 @@ def test_spear_recipe_on_two_fsdp2_ranks(sft_model, dataset, workdir):
     run_dir = workdir / "spear2"
     steps = run_verl(
         "spear.verl_recipe.main",
-        [*spear_overrides(sft_model, dataset, run_dir, 2), "trainer.total_training_steps=2", "trainer.save_freq=0"],
+        [*spear_overrides(sft_model, dataset, run_dir, 2, save_freq=0), "trainer.total_training_steps=2"],
         workdir,
         "spear_2ranks",
     )
