@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
     from .trainer import Trainer
 
     cfg = _load(args)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet, allow_changes=args.allow_changes)
     final = trainer.fit()
     png = plot_run(trainer.run_dir)
     print(json.dumps({"run_dir": str(trainer.run_dir), "step": trainer.step, **final, "plot": str(png)}, indent=1))
@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run the SPEAR trainer")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run directory")
+    p.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: let trainer.{total_training_steps,save_freq,test_freq,logger,num_threads,"
+        "val_before_train} differ from the run's config (any other change is refused)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 

@@ -201,7 +201,7 @@ def plot_compare(runs: dict[str, dict[int, dict]], out: Path, title: str) -> Pat
 def _train(cfg_path: Path, run_dir: Path, resume: bool) -> None:
     cmd = [sys.executable, "-m", "spear.cli", "train", "--config", str(cfg_path), "--quiet"]
     if resume:
-        cmd.append("--resume")
+        cmd += ["--resume", "--allow-changes"]  # e.g. more --steps; a changed method or task is still refused
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(run_dir / "train.log", "a") as log:
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

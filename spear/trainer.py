@@ -22,8 +22,11 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -32,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .config import SpearConfig, to_dict
+from .config import ConfigError, SpearConfig, to_dict
 from .envs import make_env
 from .models import default_model_path, expert_transcripts, load_policy
 from .rollout import Episode, collate, response_logprobs, rollout
@@ -281,6 +284,53 @@ def sft_is_current(cfg: SpearConfig, base_model, sft_dir: str | Path) -> bool:
 # ---- metrics ------------------------------------------------------------------------------------
 
 
+def _complete_records(path: Path) -> list[str]:
+    """The JSON lines of ``metrics.jsonl``; a last line cut by a kill mid-write is dropped (it is repaired, not
+    fatal), a bad line anywhere else is an error naming the file and line."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record") from None
+        out.append(line)
+    return out
+
+
+class DeferredInterrupt:
+    """SIGINT / SIGTERM during a training step ask the loop to stop at the next step boundary (the step finishes,
+    is logged and checkpointed) instead of stopping mid-step; a second signal stops at once, saving nothing (the
+    last checkpoint stays the resume point). Outside the main thread it does nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nspear: stopping after this step (interrupt again to stop now, without saving it)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 class MetricsLogger:
     """``metrics.jsonl`` (always), tensorboard (``tensorboard`` in ``trainer.logger``) and wandb (``wandb``)."""
 
@@ -288,11 +338,7 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # drop the records of steps after the checkpoint: they are about to be recomputed
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
+            kept = [line for line in _complete_records(self.path) if json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -335,7 +381,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a spear run directory")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in _complete_records(path)]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -344,8 +390,47 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = ckpt_dir / "latest"
     if not pointer.is_file():
         return None
-    path = ckpt_dir / pointer.read_text().strip()
+    name = pointer.read_text(errors="replace").strip()
+    if not re.fullmatch(r"step_[0-9]{6,}", name):
+        raise ValueError(f"{pointer} names {name!r}, not a checkpoint of this run directory (step_NNNNNN)")
+    path = ckpt_dir / name
     return path if (path / STATE_FILE).is_file() else None
+
+
+# keys a resumed run may change with --allow-changes (they change when or how the run reports, not what it trains)
+RESUMABLE_KEYS = (
+    "trainer.total_training_steps",
+    "trainer.save_freq",
+    "trainer.test_freq",
+    "trainer.logger",
+    "trainer.num_threads",
+    "trainer.val_before_train",
+)
+_IGNORED_ON_RESUME = ("trainer.default_local_dir",)
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k != "kwargs":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(saved: dict, new: dict, *, allow_changes: bool = False) -> None:
+    """Refuses to resume a run with a different config: a ``ConfigError`` naming every key that differs.
+    With ``allow_changes``, the keys of ``RESUMABLE_KEYS`` may differ."""
+    a, b = _flat(saved), _flat(new)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in _IGNORED_ON_RESUME)
+    refused = [k for k in changed if not (allow_changes and k in RESUMABLE_KEYS)]
+    if refused:
+        detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in refused)
+        hint = ""
+        if all(k in RESUMABLE_KEYS for k in refused):
+            hint = " (these may change with --allow-changes)"
+        raise ConfigError(f"--resume: the config differs from the run's config.json: {detail}{hint}")
 
 
 def _set_threads(cfg: SpearConfig) -> None:
@@ -373,7 +458,7 @@ class Trainer:
         progress: show tqdm progress bars.
     """
 
-    def __init__(self, cfg: SpearConfig, *, resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: SpearConfig, *, resume: bool = False, progress: bool = True, allow_changes: bool = False):
         self.cfg = cfg
         self.progress = progress
         self.run_dir = Path(cfg.trainer.default_local_dir)
@@ -386,6 +471,13 @@ class Trainer:
             resume_from = self.latest_checkpoint()
             if resume_from is None:
                 raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}")
+            saved = self.run_dir / "config.json"
+            if saved.is_file():
+                try:
+                    saved_cfg = json.loads(saved.read_text())
+                except ValueError as err:
+                    raise ConfigError(f"--resume: {saved} is not valid JSON ({err})") from None
+                check_resume_config(saved_cfg, to_dict(cfg), allow_changes=allow_changes)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None and (self.ckpt_dir / "latest").exists():
             # a fresh start in a used run directory: --resume must not pick up the old run's checkpoints
@@ -659,45 +751,57 @@ class Trainer:
     # -- the loop --
 
     def fit(self) -> dict[str, float]:
-        """Runs to ``trainer.total_training_steps``; returns the last evaluation. Ctrl-C saves a checkpoint of the
-        last finished step before exiting."""
+        """Runs to ``trainer.total_training_steps``; returns the last evaluation.
+
+        Ctrl-C (SIGINT) or SIGTERM finishes the current step (its evaluation, log record and checkpoint), then raises
+        ``KeyboardInterrupt``: a checkpoint never holds half a step, and ``--resume`` continues exactly. A second
+        signal stops at once and saves nothing (the last checkpoint is the resume point)."""
         from tqdm.auto import tqdm
 
         t = self.cfg.trainer
         try:
-            if self.step == 0 and t.val_before_train:
-                self.last_eval = evaluate(self.model, self.tokenizer, self.cfg, self.eval_envs)
-                self.logger.log(0, self.last_eval)
-                self._console(0, self.last_eval)
-            bar = tqdm(
-                total=t.total_training_steps,
-                initial=self.step,
-                desc="train",
-                disable=not self.progress,
-                dynamic_ncols=True,
-            )
-            while self.step < t.total_training_steps:
-                metrics = self.train_step()
-                last = self.step == t.total_training_steps
-                if last or (t.test_freq and self.step % t.test_freq == 0):
+            with DeferredInterrupt() as interrupt:
+                if self.step == 0 and t.val_before_train:
                     self.last_eval = evaluate(self.model, self.tokenizer, self.cfg, self.eval_envs)
-                    metrics.update(self.last_eval)
-                self.logger.log(self.step, metrics)
-                if last or (t.save_freq and self.step % t.save_freq == 0):
-                    self.save_checkpoint()
-                bar.update(1)
-                bar.set_postfix(
-                    success=f"{metrics['train/success']:.2f}",
-                    val=f"{self.last_eval.get('val/success', float('nan')):.2f}",
-                    reward=f"{metrics['train/reward']:.2f}",
+                    self.logger.log(0, self.last_eval)
+                    self._console(0, self.last_eval)
+                bar = tqdm(
+                    total=t.total_training_steps,
+                    initial=self.step,
+                    desc="train",
+                    disable=not self.progress,
+                    dynamic_ncols=True,
                 )
-                if "val/success" in metrics:
-                    self._console(self.step, metrics)
-            bar.close()
+                while self.step < t.total_training_steps and not interrupt.requested:
+                    metrics = self.train_step()
+                    last = self.step == t.total_training_steps
+                    if last or (t.test_freq and self.step % t.test_freq == 0):
+                        self.last_eval = evaluate(self.model, self.tokenizer, self.cfg, self.eval_envs)
+                        metrics.update(self.last_eval)
+                    self.logger.log(self.step, metrics)
+                    if last or (t.save_freq and self.step % t.save_freq == 0) or interrupt.requested:
+                        self.save_checkpoint()
+                    bar.update(1)
+                    bar.set_postfix(
+                        success=f"{metrics['train/success']:.2f}",
+                        val=f"{self.last_eval.get('val/success', float('nan')):.2f}",
+                        reward=f"{metrics['train/reward']:.2f}",
+                    )
+                    if "val/success" in metrics:
+                        self._console(self.step, metrics)
+                bar.close()
+                if interrupt.requested:
+                    print(
+                        f"interrupted: saved step {self.step} in {self.run_dir}; continue with --resume",
+                        file=sys.stderr,
+                    )
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             if self.step > self.last_saved:
-                path = self.save_checkpoint()
-                print(f"\ninterrupted: saved {path}; continue with --resume", file=sys.stderr)
+                print(
+                    f"interrupted: nothing saved after step {self.last_saved} (stopped mid-step)",
+                    file=sys.stderr,
+                )
             raise
         finally:
             self.logger.close()

@@ -4,6 +4,7 @@ checkpoints and exact resume, the CLI and its errors."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -285,7 +286,7 @@ def test_resume_continues_exactly(sft_model, tmp_path):
     straight.fit()
     first = Trainer(small_cfg(sft_model, tmp_path / "b", *extra, "trainer.total_training_steps=2"), progress=False)
     first.fit()
-    resumed = Trainer(small_cfg(sft_model, tmp_path / "b", *extra), resume=True, progress=False)
+    resumed = Trainer(small_cfg(sft_model, tmp_path / "b", *extra), resume=True, progress=False, allow_changes=True)
     assert resumed.step == 2
     resumed.fit()
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
@@ -297,24 +298,88 @@ def test_resume_continues_exactly(sft_model, tmp_path):
     assert len(straight.buffer) == len(resumed.buffer)
 
 
-def test_interrupt_saves_the_last_finished_step(sft_model, tmp_path, monkeypatch):
+def _params(run_dir):
+    model, _ = load_policy(latest_checkpoint_dir(run_dir))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def latest_checkpoint_dir(run_dir):
+    return run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def test_sigint_mid_step_finishes_the_step_and_resumes_exactly(sft_model, tmp_path, monkeypatch):
+    """SIGINT in the middle of step 2 (between its rollout and its update): step 2 finishes, is logged and saved,
+    then KeyboardInterrupt; the resumed run ends bit-identical to an uninterrupted one, each step logged once."""
+    import os
+    import signal
+
+    straight_cfg = small_cfg(sft_model, tmp_path / "straight", "trainer.total_training_steps=3", "trainer.save_freq=0")
+    Trainer(straight_cfg, progress=False).fit()
     cfg = small_cfg(sft_model, tmp_path / "run", "trainer.total_training_steps=3", "trainer.save_freq=0")
     trainer = Trainer(cfg, progress=False)
-    real_step = trainer.train_step
+    update = trainer._update
 
-    def step_then_interrupt():
-        if trainer.step == 1:
-            raise KeyboardInterrupt
-        return real_step()
+    def signal_then_update(*args, **kwargs):
+        if trainer.step == 1:  # inside step 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return update(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_step", step_then_interrupt)
+    monkeypatch.setattr(trainer, "_update", signal_then_update)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_000001"
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_000002"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    resumed = Trainer(cfg, resume=True, progress=False)
+    assert resumed.step == 2
+    resumed.fit()
+    steps = [r["step"] for r in read_metrics(tmp_path / "run")]
+    assert steps == [0, 1, 2, 3]
+    a, b = _params(tmp_path / "straight"), _params(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drop = {"time/", "perf/"}
+    strip = [{k: v for k, v in r.items() if not k.startswith(tuple(drop))} for r in read_metrics(tmp_path / "run")]
+    straight = [
+        {k: v for k, v in r.items() if not k.startswith(tuple(drop))} for r in read_metrics(tmp_path / "straight")
+    ]
+    assert strip == straight
+
+
+def test_a_second_sigint_stops_at_once_and_saves_nothing(sft_model, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    cfg = small_cfg(sft_model, tmp_path / "run", "trainer.total_training_steps=3", "trainer.save_freq=1")
+    trainer = Trainer(cfg, progress=False)
+    update = trainer._update
+
+    def two_signals(*args, **kwargs):
+        if trainer.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # raises KeyboardInterrupt here, mid-step
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_update", two_signals)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_000001"  # not the half step 2
     resumed = Trainer(cfg, resume=True, progress=False)
     assert resumed.step == 1
     resumed.fit()
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3]
+
+
+def test_a_truncated_last_metrics_line_is_repaired_on_resume(sft_model, tmp_path):
+    cfg = small_cfg(sft_model, tmp_path / "run", "trainer.total_training_steps=2", "trainer.save_freq=1")
+    Trainer(cfg, progress=False).fit()
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 3, "train/succ')  # a kill mid-write
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2]
+    resumed = Trainer(cfg, resume=True, progress=False)
+    assert resumed.step == 2
+    assert path.read_text().count("\n") == 3 and path.read_text().endswith("}\n")
+    path.write_text('{"step": 0}\nnot json\n{"step": 1}\n')
+    with pytest.raises(ValueError, match="line 2 is not a JSON record"):
+        read_metrics(tmp_path / "run")
 
 
 @pytest.mark.parametrize(
@@ -530,3 +595,27 @@ def test_replay_epochs_interleave_with_on_policy_epochs(sft_model, tmp_path, mon
     assert order == [("on", 4, 1.0), ("on", 2, 1.0), ("replay", 2, 0.25)] * 2
     assert steps == ["on", "on", "replay"] * 2
     assert metrics["actor/grad_norm"] > 0 and metrics["actor/grad_norm_replay"] > 0
+
+
+def test_resume_refuses_a_changed_run_and_a_foreign_latest_pointer(sft_model, tmp_path):
+    cfg = small_cfg(sft_model, tmp_path / "run", "trainer.total_training_steps=1", "trainer.save_freq=1")
+    Trainer(cfg, progress=False).fit()
+    run = tmp_path / "run"
+    for override, key in [
+        ("data.train_batch_size=4", "data.train_batch_size"),
+        ("actor_rollout_ref.rollout.n=2", "actor_rollout_ref.rollout.n"),
+        ("actor_rollout_ref.actor.optim.lr=0.5", "actor_rollout_ref.actor.optim.lr"),
+        ("actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.use_kl_loss"),
+        ("env.kwargs.max_ops=2", "env.kwargs"),
+    ]:
+        changed = small_cfg(sft_model, run, "trainer.total_training_steps=1", "trainer.save_freq=1", override)
+        with pytest.raises(ConfigError, match=rf"differs from the run's config.json: {re.escape(key)}"):
+            Trainer(changed, resume=True, progress=False, allow_changes=True)
+    longer = small_cfg(sft_model, run, "trainer.total_training_steps=2", "trainer.save_freq=1")
+    with pytest.raises(ConfigError, match="total_training_steps: 1 -> 2 .*--allow-changes"):
+        Trainer(longer, resume=True, progress=False)
+    assert json.loads((run / "config.json").read_text())["trainer"]["total_training_steps"] == 1  # not overwritten
+    assert Trainer(longer, resume=True, progress=False, allow_changes=True).step == 1
+    (run / "checkpoints" / "latest").write_text("../../other_run/checkpoints/step_000001")
+    with pytest.raises(ValueError, match="not a checkpoint of this run directory"):
+        Trainer(longer, resume=True, progress=False, allow_changes=True)
