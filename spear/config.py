@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional  # noqa: UP035 (OmegaConf needs the typing generics)
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -358,7 +359,18 @@ def _as_node(source: Any, what: str) -> DictConfig:
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"{what}: no such file {path}")
-        node = OmegaConf.load(path)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{what} {path}: not UTF-8 text (byte {err.start})") from None
+        try:
+            node = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{what} {path}: invalid YAML{where}: {problem}") from None
+        what = f"{what} {path}"
     elif isinstance(source, Mapping):
         node = OmegaConf.create(dict(source))
     elif isinstance(source, DictConfig):
@@ -370,11 +382,27 @@ def _as_node(source: Any, what: str) -> DictConfig:
     return node
 
 
+def _mismatched_key(base: Any, node: Any, prefix: str = "") -> str | None:
+    """The first dotted key where ``node`` puts a non-mapping over a mapping of ``base`` (or the reverse)."""
+    if not isinstance(node, DictConfig) or not isinstance(base, DictConfig):
+        return None
+    for k in node:
+        if k not in base:
+            continue
+        b, n = base._get_node(k), node._get_node(k)
+        if isinstance(b, DictConfig) != isinstance(n, DictConfig):
+            return f"{prefix}{k}"
+        found = _mismatched_key(b, n, f"{prefix}{k}.")
+        if found:
+            return found
+    return None
+
+
 def _merge(base: DictConfig, node: DictConfig, what: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, node)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
+        key = getattr(err, "full_key", None) or _mismatched_key(base, node) or "?"
         msg = str(err).splitlines()[0]
         if "not in struct" in msg or "Key '" in msg and "not in" in msg:
             raise ConfigError(f"{what}: unknown key {key!r}") from None

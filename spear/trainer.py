@@ -381,7 +381,11 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a spear run directory")
-    return [json.loads(line) for line in _complete_records(path)]
+    records = [json.loads(line) for line in _complete_records(path)]
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+            raise ValueError(f"{path}: record {i + 1} is not a metrics record (a JSON object with an integer 'step')")
+    return records
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

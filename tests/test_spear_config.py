@@ -333,3 +333,25 @@ def test_tiny_presets_extend_their_base():
     assert load_config(preset="tiny_math_spear").actor_rollout_ref.actor.enable_trajectory_replay
     assert not load_config(preset="tiny_math_drbot").actor_rollout_ref.actor.enable_trajectory_replay
     assert load_config(preset="tiny_math_grpo").algorithm.norm_adv_by_std_in_grpo
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"a: [1\n", r"invalid YAML at line 2, column 1"),
+        (b"trainer:\n  seed: 1\ntrainer:\n  seed: 2\n", r"invalid YAML at line 3, column 1: found duplicate key"),
+        (b'x: !!python/object/apply:os.system ["id"]\n', r"invalid YAML at line 1, column 4: could not determine"),
+        (b"\xff\xfe\x00bad", r"not UTF-8 text \(byte 0\)"),
+        (b"env:\n  kwargs: [1, 2]\n", r"bad value for 'env.kwargs'"),
+        (b"- 1\n- 2\n", r"must hold a mapping"),
+    ],
+    ids=["syntax", "duplicate_key", "python_tag", "not_utf8", "kwargs_list", "top_level_list"],
+)
+def test_bad_config_files_are_one_line_errors_naming_the_file(tmp_path, content, match):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+    if "kwargs" not in match:
+        assert str(path) in str(info.value)

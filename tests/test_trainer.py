@@ -619,3 +619,12 @@ def test_resume_refuses_a_changed_run_and_a_foreign_latest_pointer(sft_model, tm
     (run / "checkpoints" / "latest").write_text("../../other_run/checkpoints/step_000001")
     with pytest.raises(ValueError, match="not a checkpoint of this run directory"):
         Trainer(longer, resume=True, progress=False, allow_changes=True)
+
+
+@pytest.mark.parametrize(("content", "match"), [("", "holds no records"), ("null\n", "record 1 is not a metrics")])
+def test_plot_of_an_empty_or_malformed_run_is_an_error(tmp_path, capsys, content, match):
+    (tmp_path / "metrics.jsonl").write_text(content)
+    assert cli_main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
+    assert not (tmp_path / "plots").exists()
