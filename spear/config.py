@@ -417,7 +417,7 @@ def load_config(
     Args:
         source: a YAML file path, a dict (nested like the YAML), or None for the defaults.
         preset: a name from :func:`available_presets` (``spear/presets/<name>.yaml``), or several applied in order
-            (``["tiny_math_hard", "method_spear"]``: a task, then a method), applied before ``source``.
+            (``["method_spear", "tiny_math_hard"]``: a method, then a task), applied before ``source``.
         overrides: dotted ``key=value`` strings, e.g. ``["algorithm.max_toolcall_steps=50"]``, applied last.
     """
     cfg = OmegaConf.structured(SpearConfig)
@@ -425,11 +425,10 @@ def load_config(
     chain: list[str] = []
     for top in names:
         chain += [name for name in _preset_chain(top) if name not in chain]
-    if chain:
-        for name in chain:
-            node = _as_node(PRESET_DIR / f"{name}.yaml", f"preset {name}")
-            node.pop("base", None)
-            cfg = _merge(cfg, node, f"preset {name}")
+    for name in chain:
+        node = _as_node(PRESET_DIR / f"{name}.yaml", f"preset {name}")
+        node.pop("base", None)
+        cfg = _merge(cfg, node, f"preset {name}")
     if source is not None:
         cfg = _merge(cfg, _as_node(source, "config"), "config")
     overrides = list(overrides)

@@ -284,19 +284,18 @@ def sft_is_current(cfg: SpearConfig, base_model, sft_dir: str | Path) -> bool:
 # ---- metrics ------------------------------------------------------------------------------------
 
 
-def _complete_records(path: Path) -> list[str]:
-    """The JSON lines of ``metrics.jsonl``; a last line cut by a kill mid-write is dropped (it is repaired, not
-    fatal), a bad line anywhere else is an error naming the file and line."""
+def _complete_records(path: Path) -> list[tuple[str, Any]]:
+    """``(line, parsed record)`` for the JSON lines of ``metrics.jsonl``; a last line cut by a kill mid-write is
+    dropped (it is repaired, not fatal), a bad line anywhere else is an error naming the file and line."""
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     out = []
     for i, line in enumerate(lines):
         try:
-            json.loads(line)
+            out.append((line, json.loads(line)))
         except ValueError:
             if i == len(lines) - 1:
                 break
             raise ValueError(f"{path}: line {i + 1} is not a JSON record") from None
-        out.append(line)
     return out
 
 
@@ -338,7 +337,11 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # drop the records of steps after the checkpoint: they are about to be recomputed
-            kept = [line for line in _complete_records(self.path) if json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line, record in _complete_records(self.path)
+                if not isinstance(record, dict) or record.get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -381,7 +384,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a spear run directory")
-    records = [json.loads(line) for line in _complete_records(path)]
+    records = [record for _, record in _complete_records(path)]
     for i, r in enumerate(records):
         if not isinstance(r, dict) or not isinstance(r.get("step"), int):
             raise ValueError(f"{path}: record {i + 1} is not a metrics record (a JSON object with an integer 'step')")
@@ -632,7 +635,7 @@ class Trainer:
         mixed = a.replay_update == "mixed" and replay_rows is not None
         parts = [(b, replay) for b, replay in ((on_policy, False), (replay_rows, True)) if b is not None]
         if mixed:
-            epochs, minis = 1, [torch.arange(b["responses"].shape[0]) for b, _ in parts]
+            epochs, minis = 1, [[torch.arange(b["responses"].shape[0])] for b, _ in parts]
         else:
             epochs = a.ppo_epochs
             minis = [minibatches(b["responses"].shape[0], a.ppo_mini_batch_size, self.shuffle_gen) for b, _ in parts]
@@ -643,7 +646,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         for _ in range(epochs):
             for (batch, replay), part_minis in zip(parts, minis, strict=True):
-                for mini in [part_minis] if mixed else part_minis:
+                for mini in part_minis:
                     if not mixed:
                         self.optimizer.zero_grad(set_to_none=True)
                     records[replay] += self._accumulate(batch, mini, replay=replay, weight=weight if replay else 1.0)
@@ -795,10 +798,8 @@ class Trainer:
                         self._console(self.step, metrics)
                 bar.close()
                 if interrupt.requested:
-                    print(
-                        f"interrupted: saved step {self.step} in {self.run_dir}; continue with --resume",
-                        file=sys.stderr,
-                    )
+                    done = f"saved step {self.step}" if self.last_saved == self.step else "no step finished"
+                    print(f"interrupted: {done} in {self.run_dir}; continue with --resume", file=sys.stderr)
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             if self.step > self.last_saved:

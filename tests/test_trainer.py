@@ -17,7 +17,14 @@ from spear.config import ConfigError, load_config  # noqa: E402
 from spear.envs import make_env  # noqa: E402
 from spear.models import ModelLoadError, build_tiny_model, load_policy  # noqa: E402
 from spear.rollout import collate, response_logprobs, rollout  # noqa: E402
-from spear.trainer import STATE_FILE, TIMING_PREFIXES, Trainer, read_metrics, run_sft  # noqa: E402
+from spear.trainer import (  # noqa: E402
+    STATE_FILE,
+    TIMING_PREFIXES,
+    Trainer,
+    latest_checkpoint,
+    read_metrics,
+    run_sft,
+)
 
 
 @pytest.fixture(scope="module")
@@ -299,12 +306,8 @@ def test_resume_continues_exactly(sft_model, tmp_path):
 
 
 def _params(run_dir):
-    model, _ = load_policy(latest_checkpoint_dir(run_dir))
+    model, _ = load_policy(latest_checkpoint(run_dir))
     return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def latest_checkpoint_dir(run_dir):
-    return run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
 
 
 def test_sigint_mid_step_finishes_the_step_and_resumes_exactly(sft_model, tmp_path, monkeypatch):
