@@ -12,7 +12,7 @@ BENCH_JSON ?= bench/results/latest.json
 RUN_PRESET ?= tiny_math_spear
 RUN_DIR ?= runs/$(RUN_PRESET)
 
-.PHONY: setup setup-train run bench bench-quick report test lint aot clean
+.PHONY: setup setup-train run bench bench-quick report test lint aot sanitize clean
 
 # One venv; a stamp per extras set (`train` for the main job, `dev` for the tests, benchmarks and verl).
 setup: $(VENV)/.spear-dev
@@ -46,6 +46,22 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The kernel and hostile-input tests against an ASan + UBSan build of the extension (build/sanitize); the
+# tests that start interpreters with other builds of the extension are left out.
+SAN_DIR := build/sanitize
+SAN_TESTS ?= tests/test_logprobs_entropy.py tests/test_linear_logprobs_entropy.py tests/test_policy_loss.py \
+	tests/test_group_advantages.py tests/test_hostile.py tests/test_api.py
+sanitize: setup
+	cmake -S . -B $(SAN_DIR) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSPEAR_SANITIZE=ON \
+		-DCMAKE_LIBRARY_OUTPUT_DIRECTORY=$(abspath $(SAN_DIR)/lib) -DPython_EXECUTABLE=$(abspath $(BIN)/python) \
+		-DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch.utils, pybind11; print(torch.utils.cmake_prefix_path + ";" + pybind11.get_cmake_dir())')"
+	cmake --build $(SAN_DIR) --target _C
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
+		ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+		SPEAR_KERNELS_EXTENSION="$$(ls $(abspath $(SAN_DIR)/lib)/_C*.so)" \
+		$(BIN)/python -m pytest $(SAN_TESTS) -q -p no:cacheprovider \
+		-k "not triton and not every_compiled_cpu_capability and not without_the_compiled_extension"
 
 aot: setup
 	env -u TRITON_INTERPRET $(BIN)/python -m spear_kernels.aot

@@ -11,6 +11,7 @@
 #include <pybind11/stl.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -99,12 +100,30 @@ FloatKind float_kind(const at::Tensor& t) {
   }
 }
 
+constexpr int64_t kIgnoreIndex = -100;
+constexpr double kMinTemperature = 1e-5;  // spear_kernels._validation.MIN_TEMPERATURE
+
+// Registered ops are public: everything a kernel reads through a pointer is checked here first.
+void check_labels_in_range(const at::Tensor& labels, int64_t vocab) {
+  const int64_t* y = labels.data_ptr<int64_t>();
+  for (int64_t i = 0, n = labels.numel(); i < n; ++i) {
+    TORCH_CHECK(y[i] == kIgnoreIndex || (y[i] >= 0 && y[i] < vocab), "label ", y[i], " at index ", i,
+                " is out of range for a vocabulary of ", vocab, " (valid: 0..", vocab - 1, ", or -100 to ignore)");
+  }
+}
+
+void check_temperature(double temperature) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature >= kMinTemperature,
+              "temperature must be a finite float >= 1e-05, got ", temperature);
+}
+
 void check_rows(const at::Tensor& logits, const at::Tensor& labels) {
   TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu(), "spear_kernels._C: CPU tensors only");
   TORCH_CHECK(logits.dim() == 2, "logits must be [N, V], got ", logits.sizes());
   TORCH_CHECK(logits.size(1) == 0 || logits.stride(1) == 1, "logits rows must be contiguous");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), "labels must be [N]");
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous(), "labels must be contiguous int64");
+  check_labels_in_range(labels, logits.size(1));
 }
 
 const float* optional_f32(const std::optional<at::Tensor>& t, int64_t n, const char* name) {
@@ -124,7 +143,7 @@ void check_out(const at::Tensor& out, at::IntArrayRef shape, at::ScalarType dtyp
 void logprobs_entropy_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels, double temperature,
                               const at::Tensor& logp, const at::Tensor& ent, const at::Tensor& stats) {
   check_rows(logits, labels);
-  TORCH_CHECK(temperature > 0, "temperature must be > 0");
+  check_temperature(temperature);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   check_out(logp, {rows}, at::kFloat, "logp");
   check_out(ent, {rows}, at::kFloat, "entropy");
@@ -141,6 +160,7 @@ void logprobs_entropy_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels
                               const std::optional<at::Tensor>& grad_entropy, double temperature,
                               const at::Tensor& grad) {
   check_rows(logits, labels);
+  check_temperature(temperature);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   check_out(grad, {rows, vocab}, logits.scalar_type(), "grad_logits");
   if (grad.numel() == 0) return;
@@ -179,6 +199,17 @@ void policy_loss_fwd_cpu(const at::Tensor& log_prob, const at::Tensor& old_log_p
                          double ppo_kl_coef, int64_t seed, const at::Tensor& loss, const at::Tensor& dloss_dlogp,
                          const at::Tensor& stats) {
   TORCH_CHECK(mode >= 0 && mode <= 3, "policy_loss: unknown mode ", mode);
+  auto finite_in = [](double v, double lo, double hi) { return std::isfinite(v) && v >= lo && v <= hi; };
+  TORCH_CHECK(finite_in(clip_low, 0.0, 1.0) && clip_low < 1.0, "clip_ratio_low must be in [0, 1), got ", clip_low);
+  TORCH_CHECK(finite_in(clip_high, 0.0, HUGE_VAL), "clip_ratio_high must be finite and >= 0, got ", clip_high);
+  TORCH_CHECK(finite_in(clip_c, 1.0, HUGE_VAL) && clip_c > 1.0, "clip_ratio_c must be finite and > 1, got ", clip_c);
+  TORCH_CHECK(finite_in(clip_cov_ratio, 0.0, 1.0) && clip_cov_ratio > 0, "clip_cov_ratio must be in (0, 1], got ",
+              clip_cov_ratio);
+  TORCH_CHECK(!std::isnan(clip_cov_lb) && !std::isnan(clip_cov_ub) && clip_cov_lb < clip_cov_ub,
+              "clip_cov_lb must be < clip_cov_ub");
+  TORCH_CHECK(finite_in(kl_cov_ratio, 0.0, 1.0) && kl_cov_ratio > 0, "kl_cov_ratio must be in (0, 1], got ",
+              kl_cov_ratio);
+  TORCH_CHECK(finite_in(ppo_kl_coef, 0.0, HUGE_VAL), "ppo_kl_coef must be finite and >= 0, got ", ppo_kl_coef);
   const int64_t n = log_prob.numel();
   for (const auto& [t, name] : {std::pair{&log_prob, "log_prob"}, {&old_log_prob, "old_log_prob"},
                                 {&advantages, "advantages"}, {&mask, "response_mask"}, {&loss, "loss"},
@@ -208,47 +239,65 @@ void policy_loss_fwd_cpu(const at::Tensor& log_prob, const at::Tensor& old_log_p
 }
 
 // Per-group mean, unbiased std (singleton: 0 and 1, verl's convention) and count, accumulated in
-// double; then, when `advantages` is given, (s - mean) / (std + eps) or s - mean for every sample.
+// double; then, when `advantages` is given, (s - mean) / (std + eps) or s - mean for every sample,
+// computed in double and rounded once. Scores are fp32 or fp64 (1e8 + 1 and 1e8 + 2 differ in fp64 only).
+template <typename T>
+void group_advantages_impl(const T* s, const int64_t* g, int64_t n, int64_t groups, bool norm_by_std, double eps,
+                           float* m, float* sd, float* ct, float* a) {
+  std::vector<double> mean(groups, 0.0), sq(groups, 0.0), cnt(groups, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(g[i] >= 0 && g[i] < groups, "group index ", g[i], " out of range [0, ", groups, ")");
+    mean[g[i]] += s[i];
+    cnt[g[i]] += 1.0;
+  }
+  for (int64_t j = 0; j < groups; ++j) mean[j] /= std::max(cnt[j], 1.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const double c = static_cast<double>(s[i]) - mean[g[i]];
+    sq[g[i]] += c * c;
+  }
+  std::vector<double> stdev(groups);
+  for (int64_t j = 0; j < groups; ++j) {
+    const bool single = cnt[j] <= 1.0;
+    mean[j] = single ? 0.0 : mean[j];
+    stdev[j] = single ? 1.0 : std::sqrt(sq[j] / (cnt[j] - 1.0));
+    m[j] = static_cast<float>(mean[j]);
+    sd[j] = static_cast<float>(stdev[j]);
+    ct[j] = static_cast<float>(cnt[j]);
+  }
+  if (a == nullptr) return;
+  for (int64_t i = 0; i < n; ++i) {
+    const double centred = static_cast<double>(s[i]) - mean[g[i]];
+    a[i] = static_cast<float>(norm_by_std ? centred / (stdev[g[i]] + eps) : centred);
+  }
+}
+
 void group_advantages_cpu(const at::Tensor& scores, const at::Tensor& inverse, int64_t groups, bool norm_by_std,
                           double eps, const at::Tensor& mean, const at::Tensor& std, const at::Tensor& count,
                           const std::optional<at::Tensor>& advantages) {
   const int64_t n = scores.numel();
-  check_f32_tensor(scores, n, "scores");
-  TORCH_CHECK(inverse.scalar_type() == at::kLong && inverse.is_contiguous() && inverse.numel() == n,
-              "inverse must be a contiguous int64 tensor of ", n, " elements");
+  TORCH_CHECK(scores.device().is_cpu() && scores.is_contiguous() &&
+                  (scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble),
+              "scores must be a contiguous float32 or float64 CPU tensor");
+  TORCH_CHECK(inverse.device().is_cpu() && inverse.scalar_type() == at::kLong && inverse.is_contiguous() &&
+                  inverse.numel() == n,
+              "inverse must be a contiguous int64 CPU tensor of ", n, " elements");
+  TORCH_CHECK(groups >= 0, "groups must be >= 0");
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
   check_f32_tensor(mean, groups, "mean");
   check_f32_tensor(std, groups, "std");
   check_f32_tensor(count, groups, "count");
-  const float* s = scores.data_ptr<float>();
-  const int64_t* g = inverse.data_ptr<int64_t>();
-  std::vector<double> sum(groups, 0.0), sq(groups, 0.0), cnt(groups, 0.0);
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(g[i] >= 0 && g[i] < groups, "group index ", g[i], " out of range [0, ", groups, ")");
-    sum[g[i]] += s[i];
-    cnt[g[i]] += 1.0;
-  }
-  for (int64_t j = 0; j < groups; ++j) sum[j] /= std::max(cnt[j], 1.0);
-  for (int64_t i = 0; i < n; ++i) {
-    const double c = s[i] - sum[g[i]];
-    sq[g[i]] += c * c;
-  }
-  float* m = mean.data_ptr<float>();
-  float* sd = std.data_ptr<float>();
-  float* ct = count.data_ptr<float>();
-  for (int64_t j = 0; j < groups; ++j) {
-    const bool single = cnt[j] <= 1.0;
-    m[j] = single ? 0.f : static_cast<float>(sum[j]);
-    sd[j] = single ? 1.f : static_cast<float>(std::sqrt(sq[j] / (cnt[j] - 1.0)));
-    ct[j] = static_cast<float>(cnt[j]);
-  }
+  float* adv = nullptr;
   if (advantages.has_value() && advantages->defined()) {
     check_f32_tensor(*advantages, n, "advantages");
-    float* a = advantages->data_ptr<float>();
-    const float e = static_cast<float>(eps);
-    for (int64_t i = 0; i < n; ++i) {
-      const float centred = s[i] - m[g[i]];
-      a[i] = norm_by_std ? centred / (sd[g[i]] + e) : centred;
-    }
+    adv = advantages->data_ptr<float>();
+  }
+  const int64_t* g = inverse.data_ptr<int64_t>();
+  if (scores.scalar_type() == at::kDouble) {
+    group_advantages_impl(scores.data_ptr<double>(), g, n, groups, norm_by_std, eps, mean.data_ptr<float>(),
+                          std.data_ptr<float>(), count.data_ptr<float>(), adv);
+  } else {
+    group_advantages_impl(scores.data_ptr<float>(), g, n, groups, norm_by_std, eps, mean.data_ptr<float>(),
+                          std.data_ptr<float>(), count.data_ptr<float>(), adv);
   }
 }
 
@@ -276,6 +325,7 @@ void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const at::
   TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "hidden and weight must share a dtype");
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.numel() == hidden.size(0),
               "labels must be a contiguous int64 [N] tensor");
+  check_labels_in_range(labels, weight.size(0));
 }
 
 at::Tensor tile(const at::Tensor& workspace, int64_t rows, int64_t cols) {
@@ -286,7 +336,7 @@ void linear_logprobs_entropy_fwd_cpu(const at::Tensor& hidden, const at::Tensor&
                                      double temperature, const at::Tensor& logp, const at::Tensor& ent,
                                      const at::Tensor& stats) {
   check_linear(hidden, weight, labels);
-  TORCH_CHECK(temperature > 0, "temperature must be > 0");
+  check_temperature(temperature);
   const int64_t n = hidden.size(0), vocab = weight.size(0);
   check_out(logp, {n}, at::kFloat, "logp");
   check_out(ent, {n}, at::kFloat, "entropy");
@@ -319,6 +369,7 @@ void linear_logprobs_entropy_bwd_cpu(const at::Tensor& hidden, const at::Tensor&
                                      const std::optional<at::Tensor>& grad_entropy, double temperature,
                                      const at::Tensor& grad_hidden, const at::Tensor& grad_weight) {
   check_linear(hidden, weight, labels);
+  check_temperature(temperature);
   const int64_t n = hidden.size(0), vocab = weight.size(0), dim = hidden.size(1);
   check_out(grad_hidden, {n, dim}, hidden.scalar_type(), "grad_hidden");
   check_out(grad_weight, {vocab, dim}, hidden.scalar_type(), "grad_weight");
@@ -411,26 +462,48 @@ int64_t group_index_int_cpu(const at::Tensor& ids, const at::Tensor& inverse) {
 }
 
 // Python objects (verl's uid strings, or any hashables) -> group numbers, with Python's own
-// hash and equality, written into an int64 buffer (a numpy array).
-int64_t group_index_objects(const pybind11::list& ids, const pybind11::buffer& out) {
-  const pybind11::buffer_info info = out.request(/*writable=*/true);
-  const auto n = static_cast<int64_t>(PyList_GET_SIZE(ids.ptr()));
+// hash and equality, written into an int64 buffer (a numpy array). The ids are read from a
+// snapshot of the list and held by owned references: __hash__ / __eq__ run arbitrary Python code,
+// which may mutate or clear the caller's list. A one-element tensor id stands for its value
+// (tensors hash by identity), as in the eager reference.
+int64_t group_index_objects(const pybind11::list& ids, const pybind11::buffer& out, const pybind11::object& tensor_type) {
+  namespace py = pybind11;
+  const py::list snapshot = py::reinterpret_steal<py::list>(PyList_GetSlice(ids.ptr(), 0, PY_SSIZE_T_MAX));
+  if (!snapshot) throw py::error_already_set();
+  const auto n = static_cast<int64_t>(PyList_GET_SIZE(snapshot.ptr()));
+  const py::buffer_info info = out.request(/*writable=*/true);
   if (info.ndim != 1 || info.itemsize != 8 || info.size != n || info.format.find_first_of("qlLQ") == std::string::npos) {
-    throw pybind11::value_error("out must be a writable int64 buffer with one element per id");
+    throw py::value_error("out must be a writable int64 buffer with one element per id");
   }
-  auto key_at = [](const void* src, int64_t i) { return PyList_GET_ITEM(static_cast<PyObject*>(const_cast<void*>(src)), i); };
+  TORCH_CHECK(PyType_Check(tensor_type.ptr()), "tensor_type must be a type");
+  const auto* tensor_cls = reinterpret_cast<PyTypeObject*>(tensor_type.ptr());
+  std::vector<py::object> owned;  // values of tensor ids
+  std::vector<PyObject*> keys(n);
+  for (int64_t i = 0; i < n; ++i) {
+    PyObject* o = PyList_GET_ITEM(snapshot.ptr(), i);
+    if (PyObject_TypeCheck(o, const_cast<PyTypeObject*>(tensor_cls))) {
+      const py::object t = py::reinterpret_borrow<py::object>(o);
+      if (t.attr("numel")().cast<int64_t>() != 1) {
+        throw py::value_error("a group id that is a tensor must hold one value");
+      }
+      owned.push_back(t.attr("item")());
+      o = owned.back().ptr();
+    }
+    keys[i] = o;
+  }
+  auto key_at = [](const void* src, int64_t i) { return static_cast<PyObject* const*>(src)[i]; };
   auto hash = [](PyObject* o) {
     const Py_hash_t h = PyObject_Hash(o);
-    if (h == -1) throw pybind11::error_already_set();
+    if (h == -1) throw py::error_already_set();
     return static_cast<uint64_t>(h);
   };
   auto equal = [](PyObject* a, PyObject* b) {
     if (a == b) return true;
     const int eq = PyObject_RichCompareBool(a, b, Py_EQ);
-    if (eq < 0) throw pybind11::error_already_set();
+    if (eq < 0) throw py::error_already_set();
     return eq == 1;
   };
-  return assign_groups<PyObject*>(n, +key_at, ids.ptr(), hash, equal, static_cast<int64_t*>(info.ptr));
+  return assign_groups<PyObject*>(n, +key_at, keys.data(), hash, equal, static_cast<int64_t*>(info.ptr));
 }
 
 }  // namespace
@@ -478,6 +551,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_capability", [] { return std::string(spear_kernels::kernels().name); },
         "The CPU capability whose kernels this process runs (DEFAULT, AVX2 or AVX512).");
   m.def("group_index", &spear_kernels::group_index_objects, pybind11::arg("ids"), pybind11::arg("out"),
+        pybind11::arg("tensor_type"),
         "Number the hashables in `ids` by first appearance into the int64 buffer `out`; returns the count.");
   m.def("compiled_capabilities", [] {
     std::vector<std::string> caps{"DEFAULT"};

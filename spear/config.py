@@ -22,9 +22,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from spear_kernels import POLICY_LOSS_MODES
+
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
-POLICY_LOSS_MODES = ("vanilla", "clip_cov", "kl_cov", "gpg")
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_LOSS_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 TOOLCALL_REWARD_MODES = ("none", "constant", "cosine")
@@ -204,6 +205,15 @@ class SpearConfig:
 
 # ---- validation ---------------------------------------------------------------------------------
 
+# Sizes are bounded before anything is allocated or written: a typo such as rollout.n=1e9 is a one-line
+# error, not a MemoryError after the run directory was made.
+MAX_GROUP_SIZE = 4096
+MAX_EPISODES_PER_STEP = 65536
+MAX_EXAMPLES = 10**7
+MAX_STEPS = 10**9
+MAX_TOKENS = 2**20
+MAX_SEED = 2**62  # the trainer seeds its generators with seed + 0..3: all must fit in int64
+
 
 def _check_choice(key: str, value: Any, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
@@ -255,7 +265,7 @@ def validate(cfg: SpearConfig) -> SpearConfig:
         "ppo_micro_batch_size",
         "ppo_epochs",
     ):
-        _check_range(p + key, getattr(a, key), 1)
+        _check_range(p + key, getattr(a, key), 1, MAX_EXAMPLES)
     _check_range(p + "trajectory_tolerate_steps", a.trajectory_tolerate_steps, 0)
     _check_range(p + "trajectory_score_threshold", a.trajectory_score_threshold)
     _check_range(p + "replay_loss_coef", a.replay_loss_coef, 0)
@@ -282,29 +292,35 @@ def validate(cfg: SpearConfig) -> SpearConfig:
     q = "actor_rollout_ref.rollout."
     _check_range(q + "rollout_filter_ratio", r.rollout_filter_ratio, 0, 1, lo_open=True)
     _check_choice(q + "rollout_filter_type", r.rollout_filter_type, ("std",))
-    _check_range(q + "n", r.n, 1)
+    _check_range(q + "n", r.n, 1, MAX_GROUP_SIZE)
     _check_range(q + "temperature", r.temperature, 0, lo_open=True)
     _check_range(q + "top_p", r.top_p, 0, 1, lo_open=True)
-    _check_range(q + "response_length", r.response_length, 1)
-    _check_range(q + "max_turns", r.max_turns, 1)
+    _check_range(q + "response_length", r.response_length, 1, MAX_TOKENS)
+    _check_range(q + "max_turns", r.max_turns, 1, MAX_TOKENS)
     _check_choice("algorithm.use_toolcall_reward", alg.use_toolcall_reward, TOOLCALL_REWARD_MODES)
-    _check_range(q + "max_turn_tokens", r.max_turn_tokens, 1)
+    _check_range(q + "max_turn_tokens", r.max_turn_tokens, 1, MAX_TOKENS)
     _check_range(q + "val_temperature", r.val_temperature, 0)
     path = cfg.actor_rollout_ref.model.path
     if path is not None and (not isinstance(path, str) or not path.strip()):
         raise ConfigError(f"actor_rollout_ref.model.path = {path!r} is not allowed; expected a directory or null")
-    _check_range("data.train_batch_size", cfg.data.train_batch_size, 1)
-    _check_range("data.max_prompt_length", cfg.data.max_prompt_length, 1)
+    _check_range("data.train_batch_size", cfg.data.train_batch_size, 1, MAX_EPISODES_PER_STEP)
+    if cfg.data.train_batch_size * r.n > MAX_EPISODES_PER_STEP:
+        raise ConfigError(
+            f"data.train_batch_size x {q}n = {cfg.data.train_batch_size * r.n} episodes per step is too many; "
+            f"at most {MAX_EPISODES_PER_STEP}"
+        )
+    _check_range("data.max_prompt_length", cfg.data.max_prompt_length, 1, MAX_TOKENS)
     _check_choice("env.name", cfg.env.name, ENV_NAMES)
-    _check_range("env.num_train_tasks", cfg.env.num_train_tasks, 0)
-    _check_range("env.num_eval_tasks", cfg.env.num_eval_tasks, 1)
-    _check_range("env.eval_seed", cfg.env.eval_seed, 0)
+    _check_range("env.num_train_tasks", cfg.env.num_train_tasks, 0, MAX_SEED)
+    _check_range("env.num_eval_tasks", cfg.env.num_eval_tasks, 1, MAX_EXAMPLES)
+    _check_range("env.eval_seed", cfg.env.eval_seed, 0, MAX_SEED)
     if not isinstance(cfg.env.kwargs, dict):
         raise ConfigError(f"env.kwargs = {cfg.env.kwargs!r} is not allowed; expected a mapping")
-    for key in ("num_examples", "steps", "batch_size"):
-        _check_range(f"sft.{key}", getattr(cfg.sft, key), 1)
+    _check_range("sft.num_examples", cfg.sft.num_examples, 1, MAX_EXAMPLES)
+    _check_range("sft.steps", cfg.sft.steps, 1, MAX_STEPS)
+    _check_range("sft.batch_size", cfg.sft.batch_size, 1, MAX_EPISODES_PER_STEP)
     _check_range("sft.lr", cfg.sft.lr, 0, lo_open=True)
-    _check_range("sft.direct_steps", cfg.sft.direct_steps, 0)
+    _check_range("sft.direct_steps", cfg.sft.direct_steps, 0, MAX_STEPS)
     _check_range("sft.direct_lr", cfg.sft.direct_lr, 0, lo_open=True)
     if cfg.sft.direct_steps and cfg.env.name != "math":
         raise ConfigError(
@@ -313,10 +329,10 @@ def validate(cfg: SpearConfig) -> SpearConfig:
         )
     _check_range("sft.weight_decay", cfg.sft.weight_decay, 0)
     t = cfg.trainer
-    _check_range("trainer.total_training_steps", t.total_training_steps, 1)
+    _check_range("trainer.total_training_steps", t.total_training_steps, 1, MAX_STEPS)
     _check_range("trainer.save_freq", t.save_freq, 0)
     _check_range("trainer.test_freq", t.test_freq, 0)
-    _check_range("trainer.seed", t.seed, 0)
+    _check_range("trainer.seed", t.seed, 0, MAX_SEED)
     _check_range("trainer.num_threads", t.num_threads, 0)
     if not isinstance(t.default_local_dir, str) or not t.default_local_dir.strip():
         raise ConfigError(f"trainer.default_local_dir = {t.default_local_dir!r} is not allowed; expected a path")
@@ -398,7 +414,23 @@ def _mismatched_key(base: Any, node: Any, prefix: str = "") -> str | None:
     return None
 
 
+def _missing_key(node: DictConfig, prefix: str = "") -> str | None:
+    """The first dotted key whose value is OmegaConf's ``???`` (merging it would silently keep the old value)."""
+    for k in node:
+        if OmegaConf.is_missing(node, k):
+            return f"{prefix}{k}"
+        child = node._get_node(k)
+        if isinstance(child, DictConfig):
+            found = _missing_key(child, f"{prefix}{k}.")
+            if found:
+                return found
+    return None
+
+
 def _merge(base: DictConfig, node: DictConfig, what: str) -> DictConfig:
+    missing = _missing_key(node)
+    if missing:
+        raise ConfigError(f"{what}: {missing} = ??? is not a value; give one or leave the key out")
     try:
         return OmegaConf.merge(base, node)
     except OmegaConfBaseException as err:
@@ -439,7 +471,8 @@ def load_config(
         try:
             dotlist = OmegaConf.from_dotlist(overrides)
         except OmegaConfBaseException as err:
-            raise ConfigError(f"overrides: {err}") from None
+            key = getattr(err, "full_key", None)
+            raise ConfigError(f"overrides: {f'{key}: ' if key else ''}{str(err).splitlines()[0]}") from None
         cfg = _merge(cfg, dotlist, "override")
     return validate(OmegaConf.to_object(cfg))
 

@@ -6,7 +6,7 @@ reference, :mod:`spear_kernels.reference`), ``triton`` (CUDA) and ``cpp`` (CPU,
 """
 
 from ._backend import BackendUnavailableError, available_backends
-from ._validation import IGNORE_INDEX
+from ._validation import IGNORE_INDEX, POLICY_LOSS_MODES
 from .group_advantages import group_advantages, group_stats
 from .linear_logprobs_entropy import linear_logprobs_entropy
 from .logprobs_entropy import logprobs_entropy
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IGNORE_INDEX",
+    "POLICY_LOSS_MODES",
     "BackendUnavailableError",
     "available_backends",
     "group_advantages",

@@ -18,6 +18,8 @@ import torch
 
 BACKENDS = ("torch", "triton", "cpp")
 ENV_BACKEND = "SPEAR_KERNELS_BACKEND"
+ENV_EXTENSION = "SPEAR_KERNELS_EXTENSION"
+"""A path to another build of ``spear_kernels._C`` to load instead of the installed one (``make sanitize``)."""
 
 
 class BackendUnavailableError(RuntimeError):
@@ -27,7 +29,18 @@ class BackendUnavailableError(RuntimeError):
 @lru_cache(maxsize=1)
 def _load_cpp() -> tuple[ModuleType | None, str]:
     try:
-        module = importlib.import_module("spear_kernels._C")
+        path = os.environ.get(ENV_EXTENSION)
+        if path:
+            import sys
+
+            spec = importlib.util.spec_from_file_location("spear_kernels._C", path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"{ENV_EXTENSION}={path} is not a loadable extension")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules["spear_kernels._C"] = module
+        else:
+            module = importlib.import_module("spear_kernels._C")
     except ImportError as err:  # not built, or built against another torch
         return None, f"spear_kernels._C could not be imported ({err}); reinstall with the C++ build enabled"
     return module, ""

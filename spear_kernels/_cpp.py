@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ._backend import cpp_module
+from ._validation import POLICY_LOSS_MODE_IDS
 
 
 def _ops():
@@ -56,9 +57,6 @@ def stream_read(x: torch.Tensor) -> float:
     return _ops().stream_read(x)
 
 
-POLICY_LOSS_MODE_IDS = {"vanilla": 0, "clip_cov": 1, "kl_cov": 2, "gpg": 3}
-
-
 def policy_loss_fwd(log_prob, old_log_prob, advantages, mask, mode: str, params: dict, seed: int):
     """fp32 contiguous ``[B, L]`` inputs -> ``(loss [B, L], dloss_dlogp [B, L], stats [3])``."""
     loss = torch.empty_like(log_prob)
@@ -87,9 +85,10 @@ def policy_loss_fwd(log_prob, old_log_prob, advantages, mask, mode: str, params:
 
 
 def group_advantages(scores, inverse, groups: int, norm_by_std: bool, eps: float, with_advantages: bool = True):
-    """fp32 ``scores [B]``, ``inverse [B]`` int64 -> ``(mean [G], std [G], count [G], advantages [B] or None)``."""
+    """fp32 or fp64 ``scores [B]``, ``inverse [B]`` int64 -> fp32 ``(mean [G], std [G], count [G], advantages [B]
+    or None)``, computed in fp64."""
     mean, std, count = torch.empty(groups), torch.empty(groups), torch.empty(groups)
-    adv = torch.empty_like(scores) if with_advantages else None
+    adv = torch.empty(scores.shape[0]) if with_advantages else None
     _ops().group_advantages(scores, inverse, groups, norm_by_std, eps, mean, std, count, adv)
     return mean, std, count, adv
 
@@ -102,10 +101,8 @@ def group_index(group_ids) -> tuple[torch.Tensor, int]:
         inverse = torch.empty_like(flat)
         return inverse, int(_ops().group_index_int(flat, inverse))
     ids = group_ids.tolist() if isinstance(group_ids, np.ndarray) else list(group_ids)
-    if ids and isinstance(ids[0], torch.Tensor):
-        ids = [x.item() for x in ids]  # 0-d tensors hash by identity, not by value
     out = np.empty(len(ids), dtype=np.int64)
-    groups = cpp_module().group_index(ids, out)
+    groups = cpp_module().group_index(ids, out, torch.Tensor)  # one-element tensor ids count as their value
     return torch.from_numpy(out), int(groups)
 
 

@@ -11,14 +11,46 @@ IGNORE_INDEX = -100
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+MIN_TEMPERATURE = 1e-5
+"""Smallest accepted temperature (vLLM treats anything below it as greedy): below it ``logits / T`` leaves the
+fp32 range for ordinary logits and the outputs are NaN."""
+
+POLICY_LOSS_MODES = ("vanilla", "clip_cov", "kl_cov", "gpg")
+"""The per-token loss modes of :func:`spear_kernels.policy_loss`; a mode's index is its C++/Triton mode id."""
+POLICY_LOSS_MODE_IDS = {mode: i for i, mode in enumerate(POLICY_LOSS_MODES)}
+
+
+def check_real(name: str, value, *, low: float | None = None, high: float | None = None, low_open=False) -> float:
+    """``value`` as a finite float within ``[low, high]`` (``(low, high]`` with ``low_open``), else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    too_low = low is not None and (v <= low if low_open else v < low)
+    if not math.isfinite(v) or too_low or (high is not None and v > high):
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"<= {high}"
+        raise ValueError(f"{name} must be a finite number {' and '.join(x for x in (lo, hi) if x)}, got {value!r}")
+    return v
+
 
 def check_temperature(temperature: float) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise ValueError(f"temperature must be a positive float, got {type(temperature).__name__}")
     t = float(temperature)
-    if not math.isfinite(t) or t <= 0:
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
+    if not math.isfinite(t) or t < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be a finite float >= {MIN_TEMPERATURE}, got {temperature}")
     return t
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def check_labels(labels: torch.Tensor, expected_shape: torch.Size, vocab: int, device: torch.device) -> None:
@@ -26,6 +58,9 @@ def check_labels(labels: torch.Tensor, expected_shape: torch.Size, vocab: int, d
         raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.dtype.is_complex:
         raise ValueError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+    if not labels.dtype.is_signed:
+        # an unsigned type cannot hold the ignore index -100: refused rather than read two ways
+        raise ValueError(f"labels must be a signed integer tensor (int64), got {labels.dtype}")
     if labels.shape != expected_shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal the leading shape {tuple(expected_shape)}")
     if labels.device != device:
@@ -80,3 +115,65 @@ def check_hidden_weight_labels(hidden: torch.Tensor, weight: torch.Tensor, label
         raise ValueError("weight has an empty vocabulary dimension (V = 0)")
     check_labels(labels, hidden.shape[:-1], weight.shape[0], hidden.device)
     return t
+
+
+def check_scores(scores: torch.Tensor, num_ids: int) -> None:
+    if not isinstance(scores, torch.Tensor) or not scores.dtype.is_floating_point:
+        raise ValueError("scores must be a floating-point tensor [B]")
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D [B] (one scalar per response), got shape {tuple(scores.shape)}")
+    if scores.shape[0] != num_ids:
+        raise ValueError(f"scores has {scores.shape[0]} entries but group_ids has {num_ids}")
+
+
+def check_group_options(norm_by_std, eps) -> tuple[bool, float]:
+    """``norm_by_std`` a bool; ``eps`` finite and > 0 (with 0, a group of equal scores would give 0 / 0)."""
+    return check_bool("norm_by_std", norm_by_std), check_real("eps", eps, low=0.0, low_open=True)
+
+
+def check_policy_loss_inputs(log_prob, old_log_prob, advantages, response_mask, mode: str, params: dict, generator):
+    """The tensors (``[B, L]``, one device, float but the mask), the mode, every parameter (finite; ratios in
+    ``(0, 1]``) and the mask's values (in ``[0, 1]``: NaN is refused)."""
+    tensors = {
+        "log_prob": log_prob,
+        "old_log_prob": old_log_prob,
+        "advantages": advantages,
+        "response_mask": response_mask,
+    }
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be [B, L], got shape {tuple(t.shape)}")
+        if t.shape != log_prob.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} != log_prob shape {tuple(log_prob.shape)}")
+        if t.device != log_prob.device:
+            raise ValueError(f"{name} is on {t.device}, log_prob on {log_prob.device}")
+        if name != "response_mask" and not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if response_mask.dtype.is_complex:
+        raise ValueError(f"response_mask must be bool, integer or float, got {response_mask.dtype}")
+    if mode not in POLICY_LOSS_MODES:
+        raise ValueError(f"unknown policy loss mode {mode!r}; expected one of {POLICY_LOSS_MODES}")
+    check_generator(generator)
+    check_real("clip_ratio_low", params["clip_ratio_low"], low=0.0)
+    if not params["clip_ratio_low"] < 1:
+        raise ValueError(f"clip_ratio_low must be in [0, 1), got {params['clip_ratio_low']}")
+    check_real("clip_ratio_high", params["clip_ratio_high"], low=0.0)
+    check_real("clip_ratio_c (dual-clip bound)", params["clip_ratio_c"], low=1.0, low_open=True)
+    if mode == "clip_cov":
+        check_real("clip_cov_ratio", params["clip_cov_ratio"], low=0.0, high=1.0, low_open=True)
+        lb, ub = params["clip_cov_lb"], params["clip_cov_ub"]
+        for name, v in (("clip_cov_lb", lb), ("clip_cov_ub", ub)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                raise ValueError(f"{name} must be a number (+-inf allowed), got {v!r}")
+        if not lb < ub:
+            raise ValueError(f"clip_cov_lb ({lb}) must be < clip_cov_ub ({ub})")
+    if mode == "kl_cov":
+        check_real("kl_cov_ratio", params["kl_cov_ratio"], low=0.0, high=1.0, low_open=True)
+        check_real("ppo_kl_coef", params["ppo_kl_coef"], low=0.0)
+    m = response_mask
+    if m.numel() and m.dtype.is_floating_point:
+        low, high = torch.aminmax(m.detach())  # one pass; NaN propagates into both
+        if not (bool(low >= 0) and bool(high <= 1)):
+            raise ValueError("response_mask values must be in [0, 1] (no NaN)")

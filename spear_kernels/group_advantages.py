@@ -13,12 +13,7 @@ import torch
 
 from . import reference
 from ._backend import available_backends, resolve_backend
-
-
-def _check_eps(eps: float) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
-    return float(eps)
+from ._validation import check_group_options, check_scores
 
 
 def _group_index(group_ids, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -40,8 +35,9 @@ def _group_index(group_ids, device: torch.device) -> tuple[torch.Tensor, int]:
 def _stats(scores, group_ids, backend, norm_by_std, eps, with_advantages):
     device = scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu")
     inverse, groups = _group_index(group_ids, device)
-    reference.check_scores(scores, inverse.numel())
-    s = scores.detach().to(torch.float32).contiguous()
+    check_scores(scores, inverse.numel())
+    s = scores.detach()
+    s = (s if s.dtype == torch.float64 else s.to(torch.float32)).contiguous()  # fp64 stays fp64
     if backend == "cpp":
         from . import _cpp
 
@@ -67,13 +63,15 @@ def group_advantages(
         scores: ``[B]`` one scalar reward per response (e.g. the sum of its token rewards).
         group_ids: ``[B]`` int tensor, or a length-B sequence of hashables (verl ``uid`` strings).
         norm_by_std: ``(s - mean) / (std + eps)`` (GRPO) if True, else ``s - mean`` (Dr.GRPO).
-        eps: added to the std.
+        eps: added to the std; finite and > 0.
+
+    The statistics and the advantages are computed in fp64 and returned in fp32.
 
     Example:
         >>> group_advantages(torch.tensor([1., 0., 1., 1.]), ["a", "a", "b", "b"])
         tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
     """
-    eps = _check_eps(eps)
+    norm_by_std, eps = check_group_options(norm_by_std, eps)
     backend = resolve_backend(backend, scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu"))
     if backend == "torch":
         return reference.group_advantages(scores, group_ids, norm_by_std=norm_by_std, eps=eps)

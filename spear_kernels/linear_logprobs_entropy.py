@@ -16,6 +16,7 @@ import torch
 from . import reference
 from ._backend import resolve_backend
 from ._validation import check_hidden_weight_labels
+from .logprobs_entropy import differentiable_grads
 
 
 def _launchers(backend: str):
@@ -45,6 +46,11 @@ class LinearLogprobsEntropyFunction(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None
         hidden, weight, labels, stats, entropy = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph (double backward): the eager formulas, differentiated
+            logits = hidden.float() @ weight.float().T
+            outputs = reference.logprobs_entropy_math(logits, labels, ctx.temperature, True, torch.float32)
+            grads = differentiable_grads(outputs, (grad_logp, grad_entropy), (hidden, weight))
+            return (*grads, None, None, None)
         _, bwd = _launchers(ctx.backend)
         grad_logp = None if grad_logp is None else grad_logp.float().contiguous()
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
@@ -89,7 +95,7 @@ def linear_logprobs_entropy(
             hidden, weight, labels, temperature=temperature, return_entropy=return_entropy
         )
     lead_shape = labels.shape
-    hidden2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    hidden2d = hidden.reshape(lead_shape.numel(), hidden.shape[-1]).contiguous()
     labels1d = labels.reshape(-1).to(torch.int64).contiguous()
     logp, entropy = LinearLogprobsEntropyFunction.apply(hidden2d, weight.contiguous(), labels1d, temperature, backend)
     logp = logp.view(lead_shape)

@@ -23,8 +23,25 @@ def _launchers(backend: str):
     return kernels.logprobs_entropy_fwd, kernels.logprobs_entropy_bwd
 
 
+def differentiable_grads(outputs, grad_outputs, inputs) -> tuple[torch.Tensor, ...]:
+    """Gradients of ``outputs`` (eager, recomputed) w.r.t. ``inputs`` with a graph, for double backward; a None
+    upstream gradient drops its output."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if g is not None]
+    return torch.autograd.grad(
+        [o for o, _ in pairs],
+        inputs,
+        [g for _, g in pairs],
+        create_graph=True,
+        allow_unused=True,
+        materialize_grads=True,
+    )
+
+
 class LogprobsEntropyFunction(torch.autograd.Function):
-    """``logits [N, V]``, ``labels [N]`` int64 -> ``(logp [N], entropy [N])`` fp32, for the cpp/triton backends."""
+    """``logits [N, V]``, ``labels [N]`` int64 -> ``(logp [N], entropy [N])`` fp32, for the cpp/triton backends.
+
+    The backward is the fused kernel; under ``create_graph`` it recomputes the eager formulas instead, so double
+    backward works as on the torch backend (at the eager memory cost)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, temperature: float, backend: str):
@@ -41,6 +58,9 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None
         logits, labels, stats, entropy = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph (double backward): the eager formulas, differentiated
+            outputs = reference.logprobs_entropy_math(logits, labels, ctx.temperature, True, torch.float32)
+            return (*differentiable_grads(outputs, (grad_logp, grad_entropy), (logits,)), None, None, None)
         _, bwd = _launchers(ctx.backend)
         grad_logp = None if grad_logp is None else grad_logp.float().contiguous()
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
@@ -82,7 +102,7 @@ def logprobs_entropy(
         return reference.logprobs_entropy(logits, labels, temperature=temperature, return_entropy=return_entropy)
     lead_shape = labels.shape
     vocab = logits.shape[-1]
-    logits2d = logits.reshape(-1, vocab)
+    logits2d = logits.reshape(lead_shape.numel(), vocab)
     if logits2d.numel() > 0 and logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
     labels1d = labels.reshape(-1).to(torch.int64).contiguous()

@@ -13,38 +13,49 @@ import torch
 
 from . import reference
 from ._backend import resolve_backend
+from ._validation import check_policy_loss_inputs
 
 STAT_NAMES = ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
 
 
-def _seed_from(generator: torch.Generator | None, device: torch.device) -> int:
-    """One 62-bit draw from ``generator`` (or the default generator): clip_cov's choice is reproducible."""
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).item())
-
-
 class PolicyLossFunction(torch.autograd.Function):
-    """Fused forward; the backward multiplies the upstream gradient by the saved d loss / d log_prob."""
+    """Fused forward; the backward multiplies the upstream gradient by the saved d loss / d log_prob.
+
+    Under ``create_graph`` (double backward) that product is made differentiable w.r.t. ``log_prob``: every
+    mode's loss is, token by token, a constant, ``-A exp(clamp(log_prob - old))``, ``-A log_prob`` (gpg) or,
+    for kl_cov's selected tokens, the ratio term plus ``coef |log_prob - old|``, so the second derivative is
+    ``dloss`` itself (vanilla, clip_cov) or the ratio term's (kl_cov), recomputed from the inputs; gpg's gradient
+    does not depend on ``log_prob``.
+    """
 
     @staticmethod
     def forward(ctx, log_prob, old_log_prob, advantages, mask, mode, params, backend, generator):
+        # clip_cov draws one seed per call, as the reference does; the other modes draw nothing
+        seed, private = reference.clip_cov_generator(generator, log_prob.device) if mode == "clip_cov" else (0, None)
         if backend == "cpp":
             from . import _cpp
 
-            loss, dloss, stats = _cpp.policy_loss_fwd(
-                log_prob, old_log_prob, advantages, mask, mode, params, _seed_from(generator, log_prob.device)
-            )
+            loss, dloss, stats = _cpp.policy_loss_fwd(log_prob, old_log_prob, advantages, mask, mode, params, seed)
         else:
             from ._triton import policy_loss as tk
 
-            loss, dloss, stats = tk.policy_loss_fwd(log_prob, old_log_prob, advantages, mask, mode, params, generator)
-        ctx.save_for_backward(dloss)
+            loss, dloss, stats = tk.policy_loss_fwd(log_prob, old_log_prob, advantages, mask, mode, params, private)
+        ctx.save_for_backward(dloss, log_prob, old_log_prob, advantages)
+        ctx.mode = mode
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        (dloss,) = ctx.saved_tensors
+        dloss, log_prob, old_log_prob, advantages = ctx.saved_tensors
+        if torch.is_grad_enabled() and ctx.mode != "gpg":  # create_graph: d loss / d log_prob, differentiable
+            if ctx.mode == "kl_cov":
+                raw = log_prob.detach() - old_log_prob
+                bound = reference.LOG_RATIO_CLAMP
+                curvature = torch.where(raw.abs() <= bound, -advantages * raw.clamp(-bound, bound).exp(), 0.0)
+            else:
+                curvature = dloss
+            dloss = dloss + (log_prob - log_prob.detach()) * curvature
         return grad_loss * dloss, None, None, None, None, None, None, None
 
 
@@ -74,13 +85,16 @@ def policy_loss(
         mode: ``vanilla`` (clip-higher + dual clip), ``clip_cov``, ``kl_cov`` or ``gpg``; see
             :func:`spear_kernels.reference.policy_loss` for the exact formulas. The log-ratio is clamped
             to +-20 in every mode, so log-ratios of +-50 give finite losses.
-        generator: ``torch.Generator`` for clip_cov's random choice (reproducible runs).
+        generator: ``torch.Generator`` for clip_cov's random choice: each clip_cov call draws one seed from it (from
+            torch's default generator when None, as verl's clip_cov does); the other modes draw nothing.
         backend: ``cpp``, ``triton``, ``torch`` or None (see :func:`spear_kernels.available_backends`).
 
     Returns:
         ``(loss_mat, {"pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"})``. Aggregate ``loss_mat`` with the
-        mask (e.g. verl's ``agg_loss``). The cpp/triton backends never synchronise with the host
-        beyond drawing clip_cov's seed from ``generator``.
+        mask (e.g. verl's ``agg_loss``). Only ``log_prob`` gets a gradient: ``old_log_prob`` and ``advantages``
+        are constants in every backend. Ratios must lie in (0, 1] and ``ppo_kl_coef`` be >= 0; a floating-point mask
+        must hold values in [0, 1]. The cpp/triton backends synchronise with the host only to check a
+        floating-point mask and to draw clip_cov's seed.
 
     Example:
         >>> loss_mat, stats = policy_loss(logp, old_logp, adv, mask, mode="clip_cov", generator=g)
@@ -96,7 +110,7 @@ def policy_loss(
         "kl_cov_ratio": float(kl_cov_ratio),
         "ppo_kl_coef": float(ppo_kl_coef),
     }
-    reference.check_policy_loss_inputs(log_prob, old_log_prob, advantages, response_mask, mode, params)
+    check_policy_loss_inputs(log_prob, old_log_prob, advantages, response_mask, mode, params, generator)
     backend = resolve_backend(backend, log_prob.device)
     if backend == "torch":
         return reference.policy_loss(

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import IGNORE_INDEX, check_hidden_weight_labels, check_logits_labels
+from ._validation import (
+    IGNORE_INDEX,
+    check_group_options,
+    check_hidden_weight_labels,
+    check_logits_labels,
+    check_policy_loss_inputs,
+    check_scores,
+)
 
 __all__ = ["group_advantages", "group_stats", "linear_logprobs_entropy", "logprobs_entropy", "policy_loss"]
 
@@ -98,8 +105,8 @@ def group_index(group_ids, device: torch.device | None = None) -> tuple[torch.Te
         raise ValueError(
             f"group_ids must be a tensor or a sequence of hashables, got {type(group_ids).__name__}"
         ) from None
-    if ids and isinstance(ids[0], torch.Tensor):
-        ids = [x.item() for x in ids]  # 0-d tensors hash by identity, not by value
+    # a tensor hashes by identity, not by value: one-element tensors are read as their value
+    ids = [_tensor_id_value(x) if isinstance(x, torch.Tensor) else x for x in ids]
     try:
         codes = {key: i for i, key in enumerate(dict.fromkeys(ids))}
         inverse = list(map(codes.__getitem__, ids))
@@ -108,13 +115,10 @@ def group_index(group_ids, device: torch.device | None = None) -> tuple[torch.Te
     return torch.tensor(inverse, dtype=torch.int64, device=device), len(codes)
 
 
-def check_scores(scores: torch.Tensor, num_ids: int) -> None:
-    if not isinstance(scores, torch.Tensor) or not scores.dtype.is_floating_point:
-        raise ValueError("scores must be a floating-point tensor [B]")
-    if scores.dim() != 1:
-        raise ValueError(f"scores must be 1-D [B] (one scalar per response), got shape {tuple(scores.shape)}")
-    if scores.shape[0] != num_ids:
-        raise ValueError(f"scores has {scores.shape[0]} entries but group_ids has {num_ids}")
+def _tensor_id_value(x: torch.Tensor):
+    if x.numel() != 1:
+        raise ValueError(f"a group id that is a tensor must hold one value, got shape {tuple(x.shape)}")
+    return x.item()
 
 
 def group_stats(scores: torch.Tensor, group_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,6 +127,12 @@ def group_stats(scores: torch.Tensor, group_ids) -> tuple[torch.Tensor, torch.Te
     ``std`` is the unbiased standard deviation; a singleton group has mean 0 and std 1 (verl's
     convention). Groups are numbered in order of first appearance.
     """
+    mean, std, count, inverse = _group_moments(scores, group_ids)
+    return mean.float(), std.float(), count.float(), inverse
+
+
+def _group_moments(scores, group_ids):
+    """:func:`group_stats` in float64 (the advantages are computed from these, then rounded to fp32)."""
     inverse, num_groups = group_index(group_ids, scores.device if isinstance(scores, torch.Tensor) else None)
     check_scores(scores, inverse.numel())
     s = scores.detach().double()
@@ -133,7 +143,7 @@ def group_stats(scores: torch.Tensor, group_ids) -> tuple[torch.Tensor, torch.Te
     single = count <= 1
     mean = mean.masked_fill(single, 0.0)
     std = var.sqrt().masked_fill(single, 1.0)
-    return mean.float(), std.float(), count.float(), inverse
+    return mean, std, count, inverse
 
 
 def group_advantages(scores: torch.Tensor, group_ids, *, norm_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -142,15 +152,15 @@ def group_advantages(scores: torch.Tensor, group_ids, *, norm_by_std: bool = Tru
     ``(s - mean_g) / (std_g + eps)`` when ``norm_by_std`` (GRPO) else ``s - mean_g`` (Dr.GRPO), with the
     group statistics of :func:`group_stats` (unbiased std; singleton group: mean 0, std 1).
     """
-    mean, std, _, inverse = group_stats(scores, group_ids)
-    adv = scores.detach().float() - mean[inverse]
-    return adv / (std[inverse] + eps) if norm_by_std else adv
+    norm_by_std, eps = check_group_options(norm_by_std, eps)
+    mean, std, _, inverse = _group_moments(scores, group_ids)
+    adv = scores.detach().double() - mean[inverse]
+    return (adv / (std[inverse] + eps) if norm_by_std else adv).float()
 
 
 # ----------------------------------------------------------------------------------------------
 # Per-token policy losses (SPEAR-SPEC section 6).
 
-POLICY_LOSS_MODES = ("vanilla", "clip_cov", "kl_cov", "gpg")
 LOG_RATIO_CLAMP = 20.0
 
 
@@ -160,40 +170,12 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (torch.where(mask.bool(), values, 0.0) * mask).sum() / (mask.sum() + 1e-8)
 
 
-def check_policy_loss_inputs(log_prob, old_log_prob, advantages, response_mask, mode: str, params: dict) -> None:
-    tensors = {
-        "log_prob": log_prob,
-        "old_log_prob": old_log_prob,
-        "advantages": advantages,
-        "response_mask": response_mask,
-    }
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be [B, L], got shape {tuple(t.shape)}")
-        if t.shape != log_prob.shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)} != log_prob shape {tuple(log_prob.shape)}")
-        if t.device != log_prob.device:
-            raise ValueError(f"{name} is on {t.device}, log_prob on {log_prob.device}")
-        if name != "response_mask" and not t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if mode not in POLICY_LOSS_MODES:
-        raise ValueError(f"unknown policy loss mode {mode!r}; expected one of {POLICY_LOSS_MODES}")
-    lo, hi, c = params["clip_ratio_low"], params["clip_ratio_high"], params["clip_ratio_c"]
-    if not (0 <= lo < 1):
-        raise ValueError(f"clip_ratio_low must be in [0, 1), got {lo}")
-    if not hi >= 0:
-        raise ValueError(f"clip_ratio_high must be >= 0, got {hi}")
-    if not c > 1:
-        raise ValueError(f"clip_ratio_c (dual-clip bound) must be > 1, got {c}")
-    if mode == "clip_cov":
-        if not params["clip_cov_ratio"] > 0:
-            raise ValueError(f"clip_cov_ratio must be > 0, got {params['clip_cov_ratio']}")
-        if not params["clip_cov_lb"] < params["clip_cov_ub"]:
-            raise ValueError(f"clip_cov_lb ({params['clip_cov_lb']}) must be < clip_cov_ub ({params['clip_cov_ub']})")
-    if mode == "kl_cov" and not params["kl_cov_ratio"] > 0:
-        raise ValueError(f"kl_cov_ratio must be > 0, got {params['kl_cov_ratio']}")
+def clip_cov_generator(generator: torch.Generator | None, device: torch.device) -> tuple[int, torch.Generator]:
+    """clip_cov's randomness, the same in every backend: one 62-bit seed drawn from ``generator`` (torch's default
+    generator when None, as verl's clip_cov uses it), and a private generator on ``device`` seeded with it."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).item())
+    return seed, torch.Generator(device=device).manual_seed(seed)
 
 
 def policy_loss(
@@ -225,8 +207,10 @@ def policy_loss(
       valid tokens by ``cov`` (deterministic).
     - ``gpg``: ``-log_prob * A``.
 
-    Masked positions hold values like verl's (aggregation applies the mask). Stats are 0-d fp32 tensors:
-    ``pg_clipfrac`` (vanilla: PPO-clipped fraction; clip_cov: zeroed fraction), ``ppo_kl``
+    Only ``log_prob`` is differentiated: ``old_log_prob``, ``advantages`` and the mask are constants in every
+    backend. clip_cov draws one seed from ``generator`` (torch's default generator when None) per call; the
+    other modes use no randomness. Masked positions hold values like verl's (aggregation applies the mask).
+    Stats are 0-d fp32 tensors: ``pg_clipfrac`` (vanilla: PPO-clipped fraction; clip_cov: zeroed fraction), ``ppo_kl``
     (``mean_m(old - new)``; kl_cov: ``mean_m |new - old|``, as verl), ``pg_clipfrac_lower`` (vanilla's dual clip);
     a stat a mode does not define is 0.
     """
@@ -238,12 +222,13 @@ def policy_loss(
         "clip_cov_lb": clip_cov_lb,
         "clip_cov_ub": clip_cov_ub,
         "kl_cov_ratio": kl_cov_ratio,
+        "ppo_kl_coef": ppo_kl_coef,
     }
-    check_policy_loss_inputs(log_prob, old_log_prob, advantages, response_mask, mode, params)
-    m = response_mask.float()
-    adv = advantages.float()
+    check_policy_loss_inputs(log_prob, old_log_prob, advantages, response_mask, mode, params, generator)
+    m = response_mask.detach().float()
+    adv = advantages.detach().float()
     logp = log_prob.float()
-    raw_delta = logp - old_log_prob.float()
+    raw_delta = logp - old_log_prob.detach().float()
     delta = raw_delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = delta.exp()
     zero = torch.zeros((), device=logp.device)
@@ -264,7 +249,8 @@ def policy_loss(
             k = max(1, int(n_valid * kl_cov_ratio))
             top = torch.topk(cov, k).indices
             selected.view(-1)[valid.view(-1).nonzero().squeeze(1)[top]] = True
-        return pg1 + selected * (ppo_kl_coef * raw_delta.abs()), stats
+        # where(), not a product: an unselected token's |raw_delta| may be inf (0 * inf = NaN)
+        return pg1 + torch.where(selected, ppo_kl_coef * raw_delta.abs(), 0.0), stats
 
     pg2 = -adv * ratio.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
     clipped = torch.maximum(pg1, pg2)
@@ -282,8 +268,9 @@ def policy_loss(
     k = max(int(clip_cov_ratio * float(m.sum())), 1)
     cand_idx = candidates.view(-1).nonzero().squeeze(1)
     keep = torch.ones_like(m)
+    _, private = clip_cov_generator(generator, logp.device)
     if cand_idx.numel() > 0:
-        keys = torch.rand(cand_idx.numel(), generator=generator, device=cand_idx.device)
+        keys = torch.rand(cand_idx.numel(), generator=private, device=cand_idx.device)
         chosen = cand_idx[keys.argsort()[: min(k, cand_idx.numel())]]
         keep.view(-1)[chosen] = 0.0
     stats["pg_clipfrac"] = masked_mean((keep == 0).float(), m).detach()

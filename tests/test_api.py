@@ -27,6 +27,7 @@ def test_public_api_is_pinned():
     assert sorted(sk.__all__) == sorted(
         [
             "IGNORE_INDEX",
+            "POLICY_LOSS_MODES",
             "BackendUnavailableError",
             "available_backends",
             "group_advantages",

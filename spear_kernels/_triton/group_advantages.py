@@ -40,16 +40,17 @@ def _group_adv_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
-    s = tl.load(scores_ptr + offs, mask=inb, other=0.0)
+    s = tl.load(scores_ptr + offs, mask=inb, other=0.0).to(tl.float64)
     g = tl.load(inverse_ptr + offs, mask=inb, other=0)
     a = s - tl.load(mean_ptr + g, mask=inb, other=0.0)
     if NORM:
         a = a / (tl.load(std_ptr + g, mask=inb, other=1.0) + eps)
-    tl.store(adv_ptr + offs, a, mask=inb)
+    tl.store(adv_ptr + offs, a.to(tl.float32), mask=inb)
 
 
 def group_advantages(scores, inverse, groups: int, norm_by_std: bool, eps: float, with_advantages: bool = True):
-    """fp32 ``scores [B]``, ``inverse [B]`` int64 -> ``(mean [G], std [G], count [G], advantages [B] or None)``."""
+    """fp32 or fp64 ``scores [B]``, ``inverse [B]`` int64 -> fp32 ``(mean [G], std [G], count [G], advantages [B]
+    or None)``; the statistics and the advantages are computed in fp64."""
     n, device = scores.numel(), scores.device
     sums = torch.zeros(groups, device=device, dtype=torch.float64)
     counts = torch.zeros(groups, device=device, dtype=torch.float64)
@@ -61,14 +62,14 @@ def group_advantages(scores, inverse, groups: int, norm_by_std: bool, eps: float
     if n > 0:
         _group_sq_kernel[grid](scores, inverse, mean64, squares, n, BLOCK=BLOCK)
     single = counts <= 1.0
-    mean = mean64.masked_fill(single, 0.0).float()
-    std = (squares / (counts - 1.0).clamp_min(1.0)).sqrt().masked_fill(single, 1.0).float()
+    mean64 = mean64.masked_fill(single, 0.0)
+    std64 = (squares / (counts - 1.0).clamp_min(1.0)).sqrt().masked_fill(single, 1.0)
     adv = None
     if with_advantages:
-        adv = torch.empty_like(scores)
+        adv = torch.empty(n, device=device, dtype=torch.float32)
         if n > 0:
-            _group_adv_kernel[grid](scores, inverse, mean, std, adv, n, eps, NORM=norm_by_std, BLOCK=BLOCK)
-    return mean, std, counts.float(), adv
+            _group_adv_kernel[grid](scores, inverse, mean64, std64, adv, n, eps, NORM=norm_by_std, BLOCK=BLOCK)
+    return mean64.float(), std64.float(), counts.float(), adv
 
 
 def aot_specs() -> list[dict]:
@@ -93,8 +94,8 @@ def aot_specs() -> list[dict]:
             "fn": _group_adv_kernel,
             "signature": {
                 **common,
-                "mean_ptr": "*fp32",
-                "std_ptr": "*fp32",
+                "mean_ptr": "*fp64",
+                "std_ptr": "*fp64",
                 "adv_ptr": "*fp32",
                 "n": "i32",
                 "eps": "fp32",

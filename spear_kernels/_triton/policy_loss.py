@@ -13,7 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-MODE_IDS = {"vanilla": 0, "clip_cov": 1, "kl_cov": 2, "gpg": 3}
+from .._validation import POLICY_LOSS_MODE_IDS
+
+MODE_IDS = POLICY_LOSS_MODE_IDS
 # Layout of the sums buffer (fp32): see csrc/policy_loss_kernel.cpp for the same list.
 S_MASK, S_NEG_KL, S_CLIPPED, S_LOWER, S_ADV_M, S_LOGP_M, S_ABS_KL, S_VALID, S_ADV_VALID, S_LOGP_VALID = range(10)
 NUM_SUMS = 10
