@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError, FileNotFoundError, ImportError, ValueError) as err:
+    except (ConfigError, ModelLoadError, OSError, ImportError, ValueError) as err:  # OSError: unwritable paths
         print(f"spear {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

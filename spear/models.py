@@ -159,4 +159,12 @@ def load_policy(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tupl
         tokenizer.pad_token = tokenizer.eos_token
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise ModelLoadError(f"the model in {str(p)!r} has no output embedding (lm_head)")
+    # a tokenizer missing its vocabulary file still loads (as specials only) and then encodes text to nothing
+    if not tokenizer("0 1 <").input_ids:
+        raise ModelLoadError(
+            f"the tokenizer in {str(p)!r} encodes text to no tokens (is tokenizer.json or the vocabulary missing?)"
+        )
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ModelLoadError(f"the tokenizer in {str(p)!r} has {len(tokenizer)} tokens but the model's lm_head {vocab}")
     return model, tokenizer

@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -201,6 +202,7 @@ def run_sft(
             model, direct, s.direct_steps, s.direct_lr, cfg, generator, desc="sft (direct answers)", progress=progress
         )
     out = Path(output_dir)
+    remove_orphaned_temporaries(out.parent, f"{out.name}.tmp*")
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -221,6 +223,30 @@ def run_sft(
         shutil.rmtree(out)
     os.replace(tmp, out)
     return summary
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_orphaned_temporaries(directory: Path, pattern: str) -> None:
+    """Deletes ``directory/pattern`` entries named ``...tmp<pid>`` whose writer is dead (a SIGKILL mid-save leaves
+    them behind); a live writer's are kept."""
+    if not directory.is_dir():
+        return
+    for path in directory.glob(pattern):
+        match = re.search(r"\.tmp(\d+)$", path.name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _sft_loop(model, data: dict, steps: int, lr: float, cfg: SpearConfig, generator, *, desc: str, progress: bool):
@@ -297,6 +323,15 @@ def _complete_records(path: Path) -> list[tuple[str, Any]]:
                 break
             raise ValueError(f"{path}: line {i + 1} is not a JSON record") from None
     return out
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the run (the CLI prints it on one line)."""
 
 
 class DeferredInterrupt:
@@ -378,6 +413,23 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def check_loggers(loggers: Iterable[str]) -> None:
+    """Before anything is written: wandb, when asked for, is installed and logged in (or in offline mode)."""
+    if "wandb" not in loggers:
+        return
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("trainer.logger has 'wandb' but wandb is not installed: pip install wandb") from None
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    if not wandb.login(prompt=False):
+        raise ConfigError(
+            "trainer.logger has 'wandb' but wandb is not logged in: run `wandb login`, set WANDB_API_KEY, "
+            "set WANDB_MODE=offline, or drop wandb from trainer.logger"
+        )
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
@@ -472,6 +524,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         _set_threads(cfg)
         check_update_config(cfg)
+        check_loggers(cfg.trainer.logger)
         seed = cfg.trainer.seed
         resume_from = None
         if resume:
@@ -486,6 +539,8 @@ class Trainer:
                     raise ConfigError(f"--resume: {saved} is not valid JSON ({err})") from None
                 check_resume_config(saved_cfg, to_dict(cfg), allow_changes=allow_changes)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        remove_orphaned_temporaries(self.ckpt_dir, ".step_*.tmp*")
+        remove_orphaned_temporaries(self.ckpt_dir, "latest.tmp*")
         if resume_from is None and (self.ckpt_dir / "latest").exists():
             # a fresh start in a used run directory: --resume must not pick up the old run's checkpoints
             (self.ckpt_dir / "latest").unlink()
@@ -577,16 +632,35 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        (self.ckpt_dir / "latest.tmp").write_text(name)
-        os.replace(self.ckpt_dir / "latest.tmp", self.ckpt_dir / "latest")
+        pointer_tmp = self.ckpt_dir / f"latest.tmp{os.getpid()}"
+        pointer_tmp.write_text(name)
+        os.replace(pointer_tmp, self.ckpt_dir / "latest")
         self.last_saved = self.step
         return final
 
     def _load_state(self, path: Path) -> None:
-        state = torch.load(path / STATE_FILE, weights_only=True)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{path}: checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
+        file = path / STATE_FILE
+        hint = "delete that checkpoint directory and write the previous step's name into checkpoints/latest"
+        try:
+            state = torch.load(file, weights_only=True)
+        except Exception as err:  # truncated, empty or garbage: whatever the unpickler raises
+            reason = "not a checkpoint file" if isinstance(err, pickle.UnpicklingError) else _first_line(err)
+            raise CheckpointError(f"{file} cannot be read ({reason}); {hint}") from None
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+            found = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(f"{file}: not a version-{CHECKPOINT_VERSION} trainer state (found {found!r})")
+        try:
+            self._apply_state(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            raise CheckpointError(f"{file} does not fit this run ({_first_line(err)}); {hint}") from None
+
+    def _apply_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        for param in self.model.parameters():
+            for key, value in self.optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    shapes = f"{tuple(value.shape)}, not {tuple(param.shape)}"
+                    raise ValueError(f"optimizer state {key!r} has shape {shapes}")
         self.rollout_gen.set_state(state["rng"]["rollout"])
         self.loss_gen.set_state(state["rng"]["loss"])
         self.shuffle_gen.set_state(state["rng"]["shuffle"])
@@ -595,7 +669,9 @@ class Trainer:
         self.last_eval = dict(state.get("last_eval", {}))
         if self.ref_model is not None and "ref_model" in state:
             self.ref_model.load_state_dict(state["ref_model"])
-        self.step = int(state["step"])
+        if not isinstance(state["step"], int) or state["step"] < 0:
+            raise ValueError(f"step {state['step']!r} is not a step number")
+        self.step = state["step"]
         self.last_saved = self.step
 
     # -- one step --

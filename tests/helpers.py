@@ -56,3 +56,42 @@ def run_with_grads(
         loss = loss + (ent * g_h).sum()
     loss.backward()
     return (lp.detach(), ent.detach(), *(t.grad for t in leaves))
+
+
+def small_cfg(model, run_dir, *overrides: str, preset: str = "tiny_math_spear"):
+    """A trainer config for the micro model: 2 steps of 2 tasks x 4 samples, short turns, no SFT."""
+    from spear.config import load_config
+
+    return load_config(preset=preset, overrides=small_overrides(model, run_dir, *overrides))
+
+
+def small_overrides(model, run_dir, *overrides: str) -> list[str]:
+    """The ``key=value`` overrides of :func:`small_cfg` (for the CLI)."""
+    return [
+        f"actor_rollout_ref.model.path={model}",
+        f"trainer.default_local_dir={run_dir}",
+        "trainer.cold_start_sft=false",
+        "trainer.logger=[console]",
+        "trainer.total_training_steps=2",
+        "trainer.test_freq=2",
+        "trainer.save_freq=2",
+        "env.num_eval_tasks=6",
+        "data.train_batch_size=2",
+        "data.max_prompt_length=32",
+        "actor_rollout_ref.rollout.n=4",
+        "actor_rollout_ref.rollout.response_length=64",
+        "actor_rollout_ref.rollout.max_turns=3",
+        "actor_rollout_ref.rollout.max_turn_tokens=12",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        "actor_rollout_ref.actor.ppo_micro_batch_size=2",
+        "actor_rollout_ref.actor.optim.lr=1e-3",
+        "sft.num_examples=64",
+        "sft.steps=4",
+        "sft.batch_size=8",
+        # the micro model rarely answers; keep its unanswered episodes in the loss so updates happen
+        "algorithm.filter_incomplete_responses=false",
+        # one-operation tasks, always solved with the tool by the expert: the micro model solves some
+        "env.kwargs.max_ops=1",
+        "env.kwargs.expert_direct_prob=0.0",
+        *overrides,
+    ]

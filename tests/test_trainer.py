@@ -12,6 +12,8 @@ import torch
 
 pytest.importorskip("transformers", reason="the train extra is not installed")
 
+from helpers import small_cfg  # noqa: E402
+
 from spear.cli import main as cli_main  # noqa: E402
 from spear.config import ConfigError, load_config  # noqa: E402
 from spear.envs import make_env  # noqa: E402
@@ -25,65 +27,6 @@ from spear.trainer import (  # noqa: E402
     read_metrics,
     run_sft,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A very small model (1 layer, hidden 32) with the math tokenizer: fast enough for many trainer runs."""
-    path = tmp_path_factory.mktemp("models") / "micro-math"
-    return build_tiny_model(
-        path,
-        "math",
-        corpus_episodes=300,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-    )
-
-
-@pytest.fixture(scope="module")
-def sft_model(tiny_model, tmp_path_factory) -> Path:
-    """The micro model after a short SFT: it writes tags and sometimes solves tasks, so rewards vary."""
-    out = tmp_path_factory.mktemp("models") / "micro-math-sft"
-    cfg = small_cfg(
-        tiny_model, out.parent / "unused", "sft.steps=120", "sft.lr=5e-3", "sft.num_examples=512", "sft.batch_size=16"
-    )
-    run_sft(cfg, out, progress=False)
-    return out
-
-
-def small_cfg(model: Path, run_dir: Path, *overrides: str, preset: str = "tiny_math_spear"):
-    base = [
-        f"actor_rollout_ref.model.path={model}",
-        f"trainer.default_local_dir={run_dir}",
-        "trainer.cold_start_sft=false",
-        "trainer.logger=[console]",
-        "trainer.total_training_steps=2",
-        "trainer.test_freq=2",
-        "trainer.save_freq=2",
-        "env.num_eval_tasks=6",
-        "data.train_batch_size=2",
-        "data.max_prompt_length=32",
-        "actor_rollout_ref.rollout.n=4",
-        "actor_rollout_ref.rollout.response_length=64",
-        "actor_rollout_ref.rollout.max_turns=3",
-        "actor_rollout_ref.rollout.max_turn_tokens=12",
-        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
-        "actor_rollout_ref.actor.ppo_micro_batch_size=2",
-        "actor_rollout_ref.actor.optim.lr=1e-3",
-        "sft.num_examples=64",
-        "sft.steps=4",
-        "sft.batch_size=8",
-        # the micro model rarely answers; keep its unanswered episodes in the loss so updates happen
-        "algorithm.filter_incomplete_responses=false",
-        # one-operation tasks, always solved with the tool by the expert: the micro model solves some
-        "env.kwargs.max_ops=1",
-        "env.kwargs.expert_direct_prob=0.0",
-    ]
-    return load_config(preset=preset, overrides=base + list(overrides))
-
 
 # ---- model, tokenizer, rollout ------------------------------------------------------------------
 
@@ -328,10 +271,11 @@ def test_sigint_mid_step_finishes_the_step_and_resumes_exactly(sft_model, tmp_pa
         return update(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "_update", signal_then_update)
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN when started in the background
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_000002"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
     resumed = Trainer(cfg, resume=True, progress=False)
     assert resumed.step == 2
     resumed.fit()
