@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import _ops, reference
 from ._backend import available_backends, resolve_backend
 from ._validation import check_group_options, check_scores
 
@@ -75,6 +75,15 @@ def group_advantages(
     backend = resolve_backend(backend, scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu"))
     if backend == "torch":
         return reference.group_advantages(scores, group_ids, norm_by_std=norm_by_std, eps=eps)
+    if isinstance(group_ids, torch.Tensor) and isinstance(scores, torch.Tensor):
+        # int tensor ids: numbering and statistics in one custom op (torch.compile-able)
+        if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex:
+            raise ValueError(f"group_ids must be integers or hashables, got a {group_ids.dtype} tensor")
+        ids = group_ids.reshape(-1)
+        check_scores(scores, ids.shape[0])
+        s = scores.detach()
+        s = (s if s.dtype == torch.float64 else s.to(torch.float32)).contiguous()
+        return _ops.group_advantages(s, ids.to(torch.int64).contiguous(), norm_by_std, eps, backend)
     return _stats(scores, group_ids, backend, norm_by_std, eps, True)[4]
 
 

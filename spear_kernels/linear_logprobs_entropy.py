@@ -5,7 +5,8 @@ Layers: the C++ driver (``linear_logprobs_entropy`` in ``csrc/ops.cpp``: ATen GE
 [token chunk, vocab chunk] tiles of a bounded workspace, with the vectorised epilogue of
 ``csrc/linear_logprobs_entropy_kernel.cpp``) and the Triton kernels
 (:mod:`spear_kernels._triton.linear_logprobs_entropy`: a tiled GEMM with an online-softmax epilogue)
--> :class:`LinearLogprobsEntropyFunction` -> :func:`linear_logprobs_entropy`. The eager twin is
+-> the custom ops ``torch.ops.spear_kernels.linear_logprobs_entropy`` (+ ``_backward``) with the autograd
+registered here -> :func:`linear_logprobs_entropy`. The eager twin is
 :func:`spear_kernels.reference.linear_logprobs_entropy`.
 """
 
@@ -13,49 +14,44 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import _ops, reference
 from ._backend import resolve_backend
 from ._validation import check_hidden_weight_labels
-from .logprobs_entropy import differentiable_grads
+from .logprobs_entropy import differentiable_grads, f32_or_none
 
 
-def _launchers(backend: str):
-    if backend == "cpp":
-        from . import _cpp as kernels
-    else:
-        from ._triton import linear_logprobs_entropy as kernels  # imported on first use: needs triton
-    return kernels.linear_logprobs_entropy_fwd, kernels.linear_logprobs_entropy_bwd
+def _grad_inputs(saved, grad_logp, grad_entropy, temperature: float, bwd):
+    """``(grad_hidden, grad_weight)`` from the fused backward ``bwd``; under ``create_graph`` the eager formulas,
+    differentiated (double backward)."""
+    if grad_logp is None and grad_entropy is None:
+        return None, None
+    hidden, weight, labels, stats, entropy = saved
+    if torch.is_grad_enabled():
+        logits = hidden.float() @ weight.float().T
+        outputs = reference.logprobs_entropy_math(logits, labels, temperature, True, torch.float32)
+        return differentiable_grads(outputs, (grad_logp, grad_entropy), (hidden, weight))
+    return bwd(hidden, weight, labels, stats, entropy, f32_or_none(grad_logp), f32_or_none(grad_entropy), temperature)
 
 
-class LinearLogprobsEntropyFunction(torch.autograd.Function):
-    """``hidden [N, H]``, ``weight [V, H]``, ``labels [N]`` -> ``(logp [N], entropy [N])``; recomputes logits in
-    the backward."""
+# autograd of the custom op ``torch.ops.spear_kernels.linear_logprobs_entropy`` (both kernel backends): the
+# backward recomputes the logits tile by tile
+def _setup_context(ctx, inputs, output):
+    hidden, weight, labels, temperature, backend = inputs
+    _, entropy, stats = output
+    ctx.save_for_backward(hidden, weight, labels, stats, entropy)
+    ctx.temperature, ctx.backend = temperature, backend
+    ctx.set_materialize_grads(False)
 
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature: float, backend: str):
-        fwd, _ = _launchers(backend)
-        logp, entropy, stats = fwd(hidden, weight, labels, temperature)
-        ctx.save_for_backward(hidden, weight, labels, stats, entropy)
-        ctx.temperature = temperature
-        ctx.backend = backend
-        ctx.set_materialize_grads(False)
-        return logp, entropy
 
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None
-        hidden, weight, labels, stats, entropy = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph (double backward): the eager formulas, differentiated
-            logits = hidden.float() @ weight.float().T
-            outputs = reference.logprobs_entropy_math(logits, labels, ctx.temperature, True, torch.float32)
-            grads = differentiable_grads(outputs, (grad_logp, grad_entropy), (hidden, weight))
-            return (*grads, None, None, None)
-        _, bwd = _launchers(ctx.backend)
-        grad_logp = None if grad_logp is None else grad_logp.float().contiguous()
-        grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
-        grad_hidden, grad_weight = bwd(hidden, weight, labels, stats, entropy, grad_logp, grad_entropy, ctx.temperature)
-        return grad_hidden, grad_weight, None, None, None
+def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
+    def bwd(*args):
+        return _ops.linear_logprobs_entropy_backward(*args, ctx.backend)
+
+    grads = _grad_inputs(ctx.saved_tensors, grad_logp, grad_entropy, ctx.temperature, bwd)
+    return (*grads, None, None, None)
+
+
+_ops.linear_logprobs_entropy.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_logprobs_entropy(
@@ -97,6 +93,6 @@ def linear_logprobs_entropy(
     lead_shape = labels.shape
     hidden2d = hidden.reshape(lead_shape.numel(), hidden.shape[-1]).contiguous()
     labels1d = labels.reshape(-1).to(torch.int64).contiguous()
-    logp, entropy = LinearLogprobsEntropyFunction.apply(hidden2d, weight.contiguous(), labels1d, temperature, backend)
+    logp, entropy, _ = _ops.linear_logprobs_entropy(hidden2d, weight.contiguous(), labels1d, temperature, backend)
     logp = logp.view(lead_shape)
     return (logp, entropy.view(lead_shape)) if return_entropy else (logp, None)

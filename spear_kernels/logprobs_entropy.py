@@ -2,7 +2,8 @@
 
 Layers (one name throughout): Triton kernels in :mod:`spear_kernels._triton.logprobs_entropy`
 and C++ kernels in ``csrc/logprobs_entropy_kernel.cpp`` -> ``logprobs_entropy_fwd`` /
-``logprobs_entropy_bwd`` launchers per backend -> :class:`LogprobsEntropyFunction` ->
+``logprobs_entropy_bwd`` launchers per backend -> the custom ops ``torch.ops.spear_kernels.logprobs_entropy``
+(+ ``_backward``, :mod:`spear_kernels._ops`) with the autograd registered here ->
 :func:`logprobs_entropy`. The eager twin is :func:`spear_kernels.reference.logprobs_entropy`.
 """
 
@@ -10,17 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import _ops, reference
 from ._backend import resolve_backend
 from ._validation import check_logits_labels
-
-
-def _launchers(backend: str):
-    if backend == "cpp":
-        from . import _cpp as kernels
-    else:
-        from ._triton import logprobs_entropy as kernels  # imported on first use: needs triton
-    return kernels.logprobs_entropy_fwd, kernels.logprobs_entropy_bwd
 
 
 def differentiable_grads(outputs, grad_outputs, inputs) -> tuple[torch.Tensor, ...]:
@@ -37,35 +30,39 @@ def differentiable_grads(outputs, grad_outputs, inputs) -> tuple[torch.Tensor, .
     )
 
 
-class LogprobsEntropyFunction(torch.autograd.Function):
-    """``logits [N, V]``, ``labels [N]`` int64 -> ``(logp [N], entropy [N])`` fp32, for the cpp/triton backends.
+def f32_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float().contiguous()
 
-    The backward is the fused kernel; under ``create_graph`` it recomputes the eager formulas instead, so double
-    backward works as on the torch backend (at the eager memory cost)."""
 
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, temperature: float, backend: str):
-        fwd, _ = _launchers(backend)
-        logp, entropy, stats = fwd(logits, labels, temperature)
-        ctx.save_for_backward(logits, labels, stats, entropy)
-        ctx.temperature = temperature
-        ctx.backend = backend
-        ctx.set_materialize_grads(False)  # a None upstream grad skips that term, no zeros allocated
-        return logp, entropy
+def _grad_logits(saved, grad_logp, grad_entropy, temperature: float, bwd) -> torch.Tensor | None:
+    """The fused backward ``bwd``; under ``create_graph`` the eager formulas, differentiated instead, so double
+    backward works as on the torch backend (at the eager memory cost). A None upstream grad skips its term."""
+    if grad_logp is None and grad_entropy is None:
+        return None
+    logits, labels, stats, entropy = saved
+    if torch.is_grad_enabled():
+        outputs = reference.logprobs_entropy_math(logits, labels, temperature, True, torch.float32)
+        return differentiable_grads(outputs, (grad_logp, grad_entropy), (logits,))[0]
+    return bwd(logits, labels, stats, entropy, f32_or_none(grad_logp), f32_or_none(grad_entropy), temperature)
 
-    @staticmethod
-    def backward(ctx, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None):
-        if grad_logp is None and grad_entropy is None:
-            return None, None, None, None
-        logits, labels, stats, entropy = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph (double backward): the eager formulas, differentiated
-            outputs = reference.logprobs_entropy_math(logits, labels, ctx.temperature, True, torch.float32)
-            return (*differentiable_grads(outputs, (grad_logp, grad_entropy), (logits,)), None, None, None)
-        _, bwd = _launchers(ctx.backend)
-        grad_logp = None if grad_logp is None else grad_logp.float().contiguous()
-        grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
-        grad = bwd(logits, labels, stats, entropy, grad_logp, grad_entropy, ctx.temperature)
-        return grad, None, None, None
+
+# autograd of the custom op ``torch.ops.spear_kernels.logprobs_entropy`` (both kernel backends)
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, backend = inputs
+    _, entropy, stats = output
+    ctx.save_for_backward(logits, labels, stats, entropy)
+    ctx.temperature, ctx.backend = temperature, backend
+    ctx.set_materialize_grads(False)  # a None upstream grad skips that term, no zeros allocated
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
+    def bwd(*args):
+        return _ops.logprobs_entropy_backward(*args, ctx.backend)
+
+    return _grad_logits(ctx.saved_tensors, grad_logp, grad_entropy, ctx.temperature, bwd), None, None, None
+
+
+_ops.logprobs_entropy.register_autograd(_backward, setup_context=_setup_context)
 
 
 def logprobs_entropy(
@@ -106,6 +103,6 @@ def logprobs_entropy(
     if logits2d.numel() > 0 and logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
     labels1d = labels.reshape(-1).to(torch.int64).contiguous()
-    logp, entropy = LogprobsEntropyFunction.apply(logits2d, labels1d, temperature, backend)
+    logp, entropy, _ = _ops.logprobs_entropy(logits2d, labels1d, temperature, backend)
     logp = logp.view(lead_shape)
     return (logp, entropy.view(lead_shape)) if return_entropy else (logp, None)

@@ -2,8 +2,9 @@
 
 Layers: the C++ kernel (``csrc/policy_loss_kernel.cpp``) and the Triton kernels
 (:mod:`spear_kernels._triton.policy_loss`) compute the loss, its derivative w.r.t. ``log_prob``
-and the stats in one fused pass (plus the clip-cov / kl-cov selection); :class:`PolicyLossFunction`
-saves the derivative so the backward is one multiply. The eager twin is
+and the stats in one fused pass (plus the clip-cov / kl-cov selection); the custom op
+``torch.ops.spear_kernels.policy_loss`` (:mod:`spear_kernels._ops`) runs either, and its registered autograd
+multiplies by the saved derivative. The eager twin is
 :func:`spear_kernels.reference.policy_loss`, which documents the semantics.
 """
 
@@ -11,52 +12,46 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import _ops, reference
 from ._backend import resolve_backend
 from ._validation import check_policy_loss_inputs
 
 STAT_NAMES = ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
 
 
-class PolicyLossFunction(torch.autograd.Function):
-    """Fused forward; the backward multiplies the upstream gradient by the saved d loss / d log_prob.
+def _differentiable_dloss(saved, mode: str) -> torch.Tensor:
+    """The saved ``d loss / d log_prob``; under ``create_graph`` (double backward) made differentiable w.r.t.
+    ``log_prob``: every mode's loss is, token by token, a constant, ``-A exp(clamp(log_prob - old))``, ``-A log_prob``
+    (gpg) or, for kl_cov's selected tokens, the ratio term plus ``coef |log_prob - old|``, so the second derivative
+    is ``dloss`` itself (vanilla, clip_cov) or the ratio term's (kl_cov), recomputed from the inputs; gpg's gradient
+    does not depend on ``log_prob``."""
+    dloss, log_prob, old_log_prob, advantages = saved
+    if not torch.is_grad_enabled() or mode == "gpg":
+        return dloss
+    if mode == "kl_cov":
+        raw = log_prob.detach() - old_log_prob
+        bound = reference.LOG_RATIO_CLAMP
+        curvature = torch.where(raw.abs() <= bound, -advantages * raw.clamp(-bound, bound).exp(), 0.0)
+    else:
+        curvature = dloss
+    return dloss + (log_prob - log_prob.detach()) * curvature
 
-    Under ``create_graph`` (double backward) that product is made differentiable w.r.t. ``log_prob``: every
-    mode's loss is, token by token, a constant, ``-A exp(clamp(log_prob - old))``, ``-A log_prob`` (gpg) or,
-    for kl_cov's selected tokens, the ratio term plus ``coef |log_prob - old|``, so the second derivative is
-    ``dloss`` itself (vanilla, clip_cov) or the ratio term's (kl_cov), recomputed from the inputs; gpg's gradient
-    does not depend on ``log_prob``.
-    """
 
-    @staticmethod
-    def forward(ctx, log_prob, old_log_prob, advantages, mask, mode, params, backend, generator):
-        # clip_cov draws one seed per call, as the reference does; the other modes draw nothing
-        seed, private = reference.clip_cov_generator(generator, log_prob.device) if mode == "clip_cov" else (0, None)
-        if backend == "cpp":
-            from . import _cpp
+# autograd of the custom op ``torch.ops.spear_kernels.policy_loss`` (both kernel backends): the backward is one
+# multiply by the saved d loss / d log_prob
+def _setup_context(ctx, inputs, output):
+    log_prob, old_log_prob, advantages, _mask, mode, _params, _seed, _backend = inputs
+    ctx.save_for_backward(output[1], log_prob, old_log_prob, advantages)
+    ctx.mode = mode
+    ctx.set_materialize_grads(False)
 
-            loss, dloss, stats = _cpp.policy_loss_fwd(log_prob, old_log_prob, advantages, mask, mode, params, seed)
-        else:
-            from ._triton import policy_loss as tk
 
-            loss, dloss, stats = tk.policy_loss_fwd(log_prob, old_log_prob, advantages, mask, mode, params, private)
-        ctx.save_for_backward(dloss, log_prob, old_log_prob, advantages)
-        ctx.mode = mode
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
+def _backward(ctx, grad_loss, _grad_dloss, _grad_stats):
+    grad = None if grad_loss is None else grad_loss * _differentiable_dloss(ctx.saved_tensors, ctx.mode)
+    return grad, None, None, None, None, None, None, None
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        dloss, log_prob, old_log_prob, advantages = ctx.saved_tensors
-        if torch.is_grad_enabled() and ctx.mode != "gpg":  # create_graph: d loss / d log_prob, differentiable
-            if ctx.mode == "kl_cov":
-                raw = log_prob.detach() - old_log_prob
-                bound = reference.LOG_RATIO_CLAMP
-                curvature = torch.where(raw.abs() <= bound, -advantages * raw.clamp(-bound, bound).exp(), 0.0)
-            else:
-                curvature = dloss
-            dloss = dloss + (log_prob - log_prob.detach()) * curvature
-        return grad_loss * dloss, None, None, None, None, None, None, None
+
+_ops.policy_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
 def policy_loss(
@@ -118,16 +113,13 @@ def policy_loss(
         )
 
     def f32(t: torch.Tensor) -> torch.Tensor:
-        return t.to(torch.float32).contiguous()
+        return t.detach().to(torch.float32).contiguous()
 
-    loss, stats = PolicyLossFunction.apply(
-        f32(log_prob),
-        f32(old_log_prob.detach()),
-        f32(advantages.detach()),
-        f32(response_mask.detach()),
-        mode,
-        params,
-        backend,
-        generator,
-    )
+    logp = log_prob.to(torch.float32).contiguous()
+    old, adv, mask = f32(old_log_prob), f32(advantages), f32(response_mask)
+    seed = 0
+    if mode == "clip_cov":  # one seed per call; drawn inside the op from the default generator when None
+        seed = _ops.DRAW_SEED if generator is None else reference.clip_cov_generator(generator, logp.device)[0]
+    values = [params[name] for name in _ops.POLICY_PARAM_NAMES]
+    loss, _, stats = _ops.policy_loss(logp, old, adv, mask, mode, values, seed, backend)
     return loss, dict(zip(STAT_NAMES, stats.unbind(0), strict=True))

@@ -175,7 +175,11 @@ def clip_cov_generator(generator: torch.Generator | None, device: torch.device) 
     generator when None, as verl's clip_cov uses it), and a private generator on ``device`` seeded with it."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).item())
-    return seed, torch.Generator(device=device).manual_seed(seed)
+    return seed, seeded_generator(seed, device)
+
+
+def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def policy_loss(
