@@ -141,16 +141,25 @@ def verl_actor_config(clip_cov_ratio=2e-4, kl_cov_ratio=2e-4):
     )
 
 
-def _verl_policy_loss(log_prob, old, adv, mask, mode):
+def split_loss_mode(loss_mode: str) -> tuple[str, float]:
+    """``"kl_cov@0.02"`` -> ``("kl_cov", 0.02)``: a mode and its clip_cov / kl_cov ratio (default 2e-4, verl's)."""
+    mode, _, ratio = loss_mode.partition("@")
+    return mode, float(ratio) if ratio else 2e-4
+
+
+def _verl_policy_loss(log_prob, old, adv, mask, loss_mode):
     from verl.trainer.ppo import core_algos
 
+    mode, ratio = split_loss_mode(loss_mode)
     fn = core_algos.get_policy_loss_fn(mode)
-    return fn(old, log_prob, adv, mask, "token-mean", verl_actor_config())[0]
+    return fn(old, log_prob, adv, mask, "token-mean", verl_actor_config(ratio, ratio))[0]
 
 
 def _ours_policy_loss(backend):
-    def run(log_prob, old, adv, mask, mode):
-        loss_mat, _ = sk.policy_loss(log_prob, old, adv, mask, mode=mode, backend=backend)
+    def run(log_prob, old, adv, mask, loss_mode):
+        mode, ratio = split_loss_mode(loss_mode)
+        kw = {"clip_cov_ratio": ratio, "kl_cov_ratio": ratio}
+        loss_mat, _ = sk.policy_loss(log_prob, old, adv, mask, mode=mode, backend=backend, **kw)
         return (loss_mat * mask).sum() / mask.sum()
 
     return run

@@ -34,12 +34,23 @@ def inputs(case):
     return rewards.to(DEVICE), mask.to(DEVICE), uids
 
 
+@lru_cache(maxsize=1)
+def distinct_uids(case):
+    """The same uid strings as distinct objects, their hashes not yet cached (as after a deserialisation that
+    does not share repeated objects): every provider hashes and compares every string."""
+    return np.array([s.encode().decode() for s in inputs(case)[2]], dtype=object)
+
+
+@pytest.mark.parametrize("uid_objects", ["repeated", "distinct"])
 @pytest.mark.parametrize("provider", list(providers.GROUP_ADVANTAGES))
-def test_time(benchmark, provider, case):
+def test_time(benchmark, provider, uid_objects, case):
     reason = providers.available(provider, DEVICE)
     if reason:
         pytest.skip(reason)
     rewards, mask, uids = inputs(case)
-    tag(benchmark, op=OP, provider=provider, mode="fwd", case=case, dtype=torch.float32, device=DEVICE.type)
+    op = OP
+    if uid_objects == "distinct":
+        uids, op = distinct_uids(case), f"{OP}[distinct uid objects]"
+    tag(benchmark, op=op, provider=provider, mode="fwd", case=case, dtype=torch.float32, device=DEVICE.type)
     fn = providers.GROUP_ADVANTAGES[provider]
     time_it(benchmark, lambda: fn(rewards, mask, uids), DEVICE, budget_s=2.0)

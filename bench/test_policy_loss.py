@@ -13,7 +13,8 @@ from .harness import MODES, tag, time_it
 
 CASES = shapes.POLICY_LOSS  # parametrizes `case` (see conftest.py: full or --quick shapes)
 OP = "policy_loss"
-LOSS_MODES = ["vanilla", "clip_cov", "kl_cov", "gpg"]
+# mode@ratio: clip_cov / kl_cov at verl's default ratio (2e-4) and at the SPEAR presets' replay ratio (0.02)
+LOSS_MODES = ["vanilla", "clip_cov", "clip_cov@0.02", "kl_cov", "kl_cov@0.02", "gpg"]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -67,8 +67,10 @@ struct PolicyLossParams {
   int64_t n;                 // B * L
   PolicyLossMode mode;
   float clip_low, clip_high, clip_c;  // ratio bounds 1 - clip_low, 1 + clip_high; dual-clip bound
-  float clip_cov_ratio, clip_cov_lb, clip_cov_ub;
-  float kl_cov_ratio, ppo_kl_coef;
+  double clip_cov_ratio;  // double: k = int(ratio * count) as Python computes it (0.02f * 40000 is 799.99998)
+  float clip_cov_lb, clip_cov_ub;
+  double kl_cov_ratio;
+  float ppo_kl_coef;
   uint64_t seed;             // clip_cov's random choice among candidates
   float* loss;               // [n] out: per-token loss
   float* dloss_dlogp;        // [n] out: d loss / d log_prob (the backward multiplies by the upstream grad)

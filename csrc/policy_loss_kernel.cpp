@@ -6,8 +6,9 @@
 // means. clip_cov and kl_cov then select tokens:
 //   clip_cov: a second vectorised pass finds the candidates (valid, not clipped by PPO,
 //             lb < cov < ub); k of them are drawn uniformly (partial Fisher-Yates, seeded);
-//   kl_cov:   a second pass keeps the k largest covariances among valid tokens in small
-//             per-thread heaps (k is ratio * tokens, ~2e-4 of them), then merges them.
+//   kl_cov:   a second pass keeps the k largest covariances among valid tokens: in small per-thread heaps
+//             when k is small (the presets' 2e-4 of the tokens), else above a threshold read off a sample,
+//             followed by an exact selection.
 // Gradients follow torch's autograd conventions exactly, so this matches the eager reference:
 // clamp passes the gradient on [min, max] inclusive, max/min split it in half on ties.
 #include "kernels.h"
@@ -16,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
 #include <functional>
 #include <utility>
@@ -151,18 +153,40 @@ inline bool any_lane(const Vec& mask) {
                                         mask & Vec(1.f)) != 0.f;
 }
 
-// Flat indices of the clip_cov candidates, in increasing order. Candidates are rare (a covariance window
-// and no PPO clipping), so lanes are only inspected one by one when a vector holds one.
+// Per-chunk outputs of a parallel pass, concatenated in chunk order: the result does not depend on how the
+// chunks were scheduled, and indices come out increasing without a sort.
+template <typename T, typename PerChunk>
+std::vector<T> gather_chunks(int64_t n, PerChunk&& fn) {
+  std::vector<std::vector<std::pair<int64_t, std::vector<T>>>> per_thread(at::get_num_threads());
+  for_chunks(n, [&](int64_t begin, int64_t end) {
+    auto& chunks = per_thread[at::get_thread_num()];
+    chunks.emplace_back(begin, std::vector<T>{});
+    fn(begin, end, chunks.back().second);
+  });
+  std::vector<std::pair<int64_t, std::vector<T>>*> order;
+  for (auto& chunks : per_thread)
+    for (auto& c : chunks) order.push_back(&c);
+  std::sort(order.begin(), order.end(), [](const auto* a, const auto* b) { return a->first < b->first; });
+  std::vector<T> all;
+  for (const auto* c : order) all.insert(all.end(), c->second.begin(), c->second.end());
+  return all;
+}
+
+// Flat indices of the clip_cov candidates (valid, not clipped by PPO, lb < cov < ub), in increasing order.
+// The covariance window is tested first from three of the four inputs; the PPO clip (an exp) is computed only
+// for vectors with a lane inside the window.
 std::vector<int64_t> clip_cov_candidates(const PolicyLossParams& p, float mean_adv, float mean_logp) {
   constexpr int64_t W = Vec::size();
-  std::vector<std::vector<int64_t>> per_thread(at::get_num_threads());
-  for_chunks(p.n, [&](int64_t begin, int64_t end) {
-    auto& out = per_thread[at::get_thread_num()];
+  return gather_chunks<int64_t>(p.n, [&](int64_t begin, int64_t end, std::vector<int64_t>& out) {
     for (int64_t i = begin; i < end; i += W) {
       const int64_t count = std::min(W, end - i);
+      const Vec cov = (Vec::loadu(p.advantages + i, count) - Vec(mean_adv)) *
+                      (Vec::loadu(p.log_prob + i, count) - Vec(mean_logp));
+      const Vec window = (Vec::loadu(p.mask + i, count) > Vec(0.f)) & (cov > Vec(p.clip_cov_lb)) &
+                         (cov < Vec(p.clip_cov_ub));
+      if (!any_lane(window)) continue;
       const TokenMath t = token_math(p, i, count, nullptr);
-      const Vec cov = (t.adv - Vec(mean_adv)) * (t.logp - Vec(mean_logp));
-      const Vec cand = (t.m > Vec(0.f)) & (t.pg2 <= t.pg1) & (cov > Vec(p.clip_cov_lb)) & (cov < Vec(p.clip_cov_ub));
+      const Vec cand = window & (t.pg2 <= t.pg1);
       if (!any_lane(cand)) continue;
       alignas(64) float flags[W];
       cand.store(flags);
@@ -171,21 +195,18 @@ std::vector<int64_t> clip_cov_candidates(const PolicyLossParams& p, float mean_a
       }
     }
   });
-  std::vector<int64_t> all;
-  for (auto& v : per_thread) all.insert(all.end(), v.begin(), v.end());
-  std::sort(all.begin(), all.end());  // thread scheduling must not change which tokens get drawn
-  return all;
 }
 
-// The k valid tokens with the largest covariance (ties: lower index first). Each thread keeps a k-heap and
-// skips, a vector at a time, every token that cannot enter it (k is ~2e-4 of the tokens, so nearly all).
-std::vector<int64_t> kl_cov_top_k(const PolicyLossParams& p, int64_t k, float mean_adv, float mean_logp) {
+using CovEntry = std::pair<float, int64_t>;  // (cov, -index): larger is better, ties to the lower index
+inline bool better(const CovEntry& a, const CovEntry& b) {
+  return a.first > b.first || (a.first == b.first && a.second > b.second);
+}
+
+// Small k (the presets' 2e-4 of the tokens): each thread keeps a k-heap and skips, a vector at a time, every
+// token that cannot enter it, so nearly all.
+std::vector<CovEntry> kl_cov_heaps(const PolicyLossParams& p, int64_t k, float mean_adv, float mean_logp) {
   constexpr int64_t W = Vec::size();
-  using Entry = std::pair<float, int64_t>;  // (cov, -index): larger is better
-  auto better = [](const Entry& a, const Entry& b) {
-    return a.first > b.first || (a.first == b.first && a.second > b.second);
-  };
-  std::vector<std::vector<Entry>> heaps(at::get_num_threads());
+  std::vector<std::vector<CovEntry>> heaps(at::get_num_threads());
   for_chunks(p.n, [&](int64_t begin, int64_t end) {
     auto& heap = heaps[at::get_thread_num()];  // min-heap under `better`: front is the worst kept
     for (int64_t i = begin; i < end; i += W) {
@@ -200,7 +221,7 @@ std::vector<int64_t> kl_cov_top_k(const PolicyLossParams& p, int64_t k, float me
       eligible.store(flags);
       for (int64_t l = 0; l < count; ++l) {
         if (flags[l] == 0.f) continue;
-        const Entry e{covs[l], -(i + l)};
+        const CovEntry e{covs[l], -(i + l)};
         if (static_cast<int64_t>(heap.size()) < k) {
           heap.push_back(e);
           std::push_heap(heap.begin(), heap.end(), better);
@@ -212,10 +233,59 @@ std::vector<int64_t> kl_cov_top_k(const PolicyLossParams& p, int64_t k, float me
       }
     }
   });
-  std::vector<Entry> all;
+  std::vector<CovEntry> all;
   for (auto& h : heaps) all.insert(all.end(), h.begin(), h.end());
+  return all;
+}
+
+// Every valid token whose covariance is >= `threshold`, as entries.
+std::vector<CovEntry> kl_cov_at_least(const PolicyLossParams& p, float threshold, float mean_adv, float mean_logp) {
+  constexpr int64_t W = Vec::size();
+  return gather_chunks<CovEntry>(p.n, [&](int64_t begin, int64_t end, std::vector<CovEntry>& out) {
+    for (int64_t i = begin; i < end; i += W) {
+      const int64_t count = std::min(W, end - i);
+      const Vec cov = (Vec::loadu(p.advantages + i, count) - Vec(mean_adv)) *
+                      (Vec::loadu(p.log_prob + i, count) - Vec(mean_logp));
+      const Vec eligible = (Vec::loadu(p.mask + i, count) > Vec(0.f)) & (cov >= Vec(threshold));
+      if (!any_lane(eligible)) continue;
+      alignas(64) float covs[W], flags[W];
+      cov.store(covs);
+      eligible.store(flags);
+      for (int64_t l = 0; l < count; ++l) {
+        if (flags[l] != 0.f) out.emplace_back(covs[l], -(i + l));
+      }
+    }
+  });
+}
+
+// The k valid tokens with the largest covariance (ties: lower index first), in no particular order.
+// Larger k (ratios of 1e-2 and up): a threshold that about 1.25 k tokens pass is read off a strided sample,
+// one vectorised pass keeps the tokens above it, and an exact selection runs on those. The selection is exact
+// whatever the sample: when fewer than k tokens pass, every valid token is kept instead.
+std::vector<int64_t> kl_cov_top_k(const PolicyLossParams& p, int64_t k, int64_t n_valid, float mean_adv,
+                                  float mean_logp) {
+  constexpr int64_t kSample = 16384;
+  const int64_t stride = std::max<int64_t>(1, p.n / kSample);
+  std::vector<CovEntry> all;
+  const double expected_rank = static_cast<double>(k) / static_cast<double>(n_valid) * (p.n / stride);
+  if (expected_rank < 64) {
+    all = kl_cov_heaps(p, k, mean_adv, mean_logp);
+  } else {
+    std::vector<float> sample;
+    for (int64_t i = 0; i < p.n; i += stride) {
+      if (p.mask[i] > 0.f) sample.push_back((p.advantages[i] - mean_adv) * (p.log_prob[i] - mean_logp));
+    }
+    const auto rank = static_cast<int64_t>(1.25 * expected_rank + 4.0 * std::sqrt(expected_rank));
+    float threshold = -INFINITY;
+    if (rank < static_cast<int64_t>(sample.size())) {
+      std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
+      threshold = sample[rank];
+    }
+    all = kl_cov_at_least(p, threshold, mean_adv, mean_logp);
+    if (static_cast<int64_t>(all.size()) < k) all = kl_cov_at_least(p, -INFINITY, mean_adv, mean_logp);
+  }
   const int64_t keep = std::min<int64_t>(k, all.size());
-  std::partial_sort(all.begin(), all.begin() + keep, all.end(), better);
+  if (keep < static_cast<int64_t>(all.size())) std::nth_element(all.begin(), all.begin() + keep, all.end(), better);
   std::vector<int64_t> idx(keep);
   for (int64_t j = 0; j < keep; ++j) idx[j] = -all[j].second;
   return idx;
@@ -255,11 +325,11 @@ void policy_loss_fwd(const PolicyLossParams& p) {
   double clipfrac = sums[kClipped] / denom, ppo_kl = sums[kNegKl] / denom, lower = sums[kLower] / denom;
 
   if (p.mode == PolicyLossMode::kClipCov) {
-    const auto cand = clip_cov_candidates(p, static_cast<float>(sums[kAdvM] / denom),
+    auto cand = clip_cov_candidates(p, static_cast<float>(sums[kAdvM] / denom),
                                           static_cast<float>(sums[kLogpM] / denom));
-    const int64_t k = std::max<int64_t>(static_cast<int64_t>(p.clip_cov_ratio * static_cast<float>(sums[kMask])), 1);
+    const int64_t k = std::max<int64_t>(static_cast<int64_t>(p.clip_cov_ratio * sums[kMask]), 1);
     const int64_t take = std::min<int64_t>(k, cand.size());
-    std::vector<int64_t> pool(cand);
+    std::vector<int64_t> pool = std::move(cand);
     SplitMix64 rng{p.seed};
     double zeroed = 0.0;
     for (int64_t j = 0; j < take; ++j) {  // partial Fisher-Yates: pool[0..take) is a uniform draw
@@ -275,7 +345,7 @@ void policy_loss_fwd(const PolicyLossParams& p) {
     const int64_t n_valid = static_cast<int64_t>(sums[kValid]);
     if (n_valid > 0) {
       const int64_t k = std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(n_valid) * p.kl_cov_ratio));
-      const auto top = kl_cov_top_k(p, k, static_cast<float>(sums[kAdvValid] / n_valid),
+      const auto top = kl_cov_top_k(p, k, n_valid, static_cast<float>(sums[kAdvValid] / n_valid),
                                     static_cast<float>(sums[kLogpValid] / n_valid));
       for (int64_t idx : top) {
         const float raw = p.log_prob[idx] - p.old_log_prob[idx];

@@ -113,6 +113,37 @@ def test_matches_verl_exactly(mode, backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ratio", [1e-4, 2e-3, 0.02, 0.05, 0.4, 1.0])
+def test_kl_cov_selection_matches_verl_at_every_ratio(ratio, backend, monkeypatch):
+    """A batch large enough that the C++ kernel selects with per-thread heaps at small ratios, through a sampled
+    threshold at larger ones, and falls back to every valid token at 1.0: the chosen tokens are verl's."""
+    log_prob, old, adv, mask = make_batch(b=16, length=2500, seed=4)
+    p = params(kl_cov_ratio=ratio)
+    v_loss, v_grad, _ = run_verl("kl_cov", log_prob, old, adv, mask, p, monkeypatch)
+    loss, grad, _ = run_ours("kl_cov", log_prob, old, adv, mask, p, backend)
+    assert_close("loss_mat * mask", loss * mask, v_loss * mask, **TIGHT)
+    assert_close("d loss / d log_prob", grad, v_grad, **TIGHT)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_cov_selection_is_exact_when_the_sample_misleads(backend, monkeypatch):
+    """Every other token has a wide covariance spread and the rest almost none: a sample of the even positions
+    puts the threshold too high, fewer than k tokens pass it, and the kernel must fall back to all of them."""
+    g = torch.Generator().manual_seed(5)
+    shape = (16, 2500)
+    even = (torch.arange(shape[1]) % 2 == 0).expand(shape)
+    adv = torch.where(even, 1.0, -1.0)
+    log_prob = torch.where(even, torch.randn(shape, generator=g), 0.01 * torch.randn(shape, generator=g)) - 2.0
+    old = log_prob + 0.1 * torch.randn(shape, generator=g)
+    mask = torch.ones(shape)
+    p = params(kl_cov_ratio=0.02)
+    v_loss, v_grad, _ = run_verl("kl_cov", log_prob, old, adv, mask, p, monkeypatch)
+    loss, grad, _ = run_ours("kl_cov", log_prob, old, adv, mask, p, backend)
+    assert_close("loss_mat * mask", loss * mask, v_loss * mask, **TIGHT)
+    assert_close("d loss / d log_prob", grad, v_grad, **TIGHT)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k_vs_candidates", ["fewer", "more"])
 def test_clip_cov_matches_verl_up_to_the_random_choice(backend, k_vs_candidates, monkeypatch):
     log_prob, old, adv, mask = make_batch(seed=2)

@@ -190,13 +190,13 @@ def policy_loss_fwd(log_prob, old_log_prob, advantages, mask, mode: str, params:
         rank = torch.arange(k_max, device=device)
         flat_loss, flat_dloss = loss.view(-1), dloss.view(-1)
         if mode == "clip_cov":
-            k = torch.clamp(torch.floor(ratio * sums[S_MASK]), min=1.0)
+            k = torch.clamp(torch.floor(ratio * sums[S_MASK].double()), min=1.0)  # fp64, as Python computes it
             chosen = (rank < k) & (vals < 2.0)
             flat_loss.index_copy_(0, idx, torch.where(chosen, 0.0, flat_loss[idx]))
             flat_dloss.index_copy_(0, idx, torch.where(chosen, 0.0, flat_dloss[idx]))
             clipfrac = (mask.view(-1)[idx] * chosen).sum() / denom
         else:
-            k = torch.clamp(torch.floor(sums[S_VALID] * ratio), min=1.0)
+            k = torch.clamp(torch.floor(sums[S_VALID].double() * ratio), min=1.0)
             chosen = ((rank < k) & torch.isfinite(vals)).float()
             raw = log_prob.view(-1)[idx] - old_log_prob.view(-1)[idx]
             coef = params["ppo_kl_coef"]
