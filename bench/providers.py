@@ -189,9 +189,16 @@ def available(provider: str, device: torch.device) -> str | None:
         return None if importlib.util.find_spec("flash_attn") else "flash-attn is not installed"
     if provider == "liger":
         return None if importlib.util.find_spec("liger_kernel") else "liger-kernel is not installed"
-    if provider == "limit" and device.type != "cpu":
-        return "the streaming-read limit is measured on CPU"
+    if provider.startswith("limit") and device.type != "cpu":
+        return "the streaming-read and exp limits are measured on CPU"
     return None
+
+
+def exp_bound(n: int) -> float:
+    """The compute limit: ``n`` of the kernels' exp2 on this CPU capability, with no memory traffic."""
+    from spear_kernels import _cpp
+
+    return _cpp.exp_bound(n)
 
 
 def stream_read(x: torch.Tensor) -> float:

@@ -3,7 +3,8 @@
     python -m bench.report [bench/results/latest.json] [--out bench/results] [--no-aot]
 
 Every ratio compares rows measured in the same run. "speed-up vs X" is X's median time over
-ours; "of limit" is the limit's median time over ours (1.0 = running at the physical limit).
+ours; "of read limit" / "of exp limit" is that limit's median time over ours (1.0 = running at it): one
+streaming read of the bytes the op moves, and the exps it computes on this CPU capability ("cpu" column).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.2f}"
 
 
+LIMIT_NAMES = {"limit": "read limit", "limit-exp": "exp limit"}
+
+
 def _mb(nbytes: float) -> str:
     return f"{nbytes / 2**20:,.1f}"
 
@@ -55,26 +59,27 @@ def timing_tables(rows: list[dict]) -> list[str]:
     for op, keys in by_op.items():
         providers = sorted({p for k in keys for p in groups[k]}, key=_provider_rank)
         ours = [p for p in providers if p in OURS]
-        peers = [p for p in providers if p not in OURS and p != "limit"]
-        head = ["case", "dtype", "mode", *[f"{p} (ms)" for p in providers]]
+        limits = [p for p in providers if p.startswith("limit")]
+        peers = [p for p in providers if p not in OURS and p not in limits]
+        head = ["case", "dtype", "mode", "cpu", *[f"{p} (ms)" for p in providers]]
         for o in ours:
             head += [f"{o}: speed-up vs {p}" for p in peers]
-            if "limit" in providers:
-                head.append(f"{o}: of limit")
+            head += [f"{o}: of {LIMIT_NAMES.get(lim, lim)}" for lim in limits]
         out.append(f"### {op}: time\n")
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + " --- |" * len(head))
         for key in keys:
             g = groups[key]
-            cells = [key[1], key[2], key[3]]
+            cpu = next((r.get("spear_cpu_capability") for r in g.values() if r.get("spear_cpu_capability")), "-")
+            cells = [key[1], key[2], key[3], str(cpu)]
             cells += [_ms(g[p]["median_s"]) if p in g else "-" for p in providers]
             for o in ours:
                 for p in peers:
                     ok = o in g and p in g
                     cells.append(f"{g[p]['median_s'] / g[o]['median_s']:.1f}x" if ok else "-")
-                if "limit" in providers:
-                    ok = o in g and "limit" in g
-                    cells.append(f"{g['limit']['median_s'] / g[o]['median_s']:.2f}" if ok else "-")
+                for lim in limits:
+                    ok = o in g and lim in g
+                    cells.append(f"{g[lim]['median_s'] / g[o]['median_s']:.2f}" if ok else "-")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return out
@@ -113,8 +118,8 @@ def memory_tables(rows: list[dict]) -> list[str]:
 def _provider_rank(p: str) -> tuple:
     if p in OURS:
         return (0, OURS.index(p))
-    if p == "limit":
-        return (2, 0)
+    if p.startswith("limit"):
+        return (2, p)
     return (1, PEER_ORDER.index(p) if p in PEER_ORDER else 99, p)
 
 

@@ -50,6 +50,20 @@ def test_time(benchmark, provider, mode, dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", MODES)
+def test_limit_exp(benchmark, mode, dtype, case):
+    """The compute limit: the kernels' exp2, once per logit in fwd and in bwd (twice in full), with no memory
+    traffic. On AVX2 machines this, not the read, is the bound the kernel is at."""
+    reason = providers.available("limit-exp", DEVICE)
+    if reason:
+        pytest.skip(reason)
+    logits, _ = inputs(case, dtype)
+    n = logits.numel() * (2 if mode == "full" else 1)
+    tag(benchmark, op=OP, provider="limit-exp", mode=mode, case=case, dtype=dtype, device=DEVICE.type)
+    time_it(benchmark, lambda: providers.exp_bound(n), DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", MODES)
 def test_limit(benchmark, mode, dtype, case):
     """The physical limit of a memory-bound op: stream the bytes it must move.
 

@@ -51,6 +51,7 @@ struct LogprobsEntropyBwdParams {
 using LogprobsEntropyFwdFn = void (*)(const LogprobsEntropyFwdParams&);
 using LogprobsEntropyBwdFn = void (*)(const LogprobsEntropyBwdParams&);
 using StreamReadFn = double (*)(const float* data, int64_t n);
+using ExpBoundFn = double (*)(int64_t n);
 
 }  // namespace spear_kernels
 

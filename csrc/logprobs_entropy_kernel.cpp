@@ -104,5 +104,35 @@ double stream_read(const float* data, int64_t n) {
   return total;
 }
 
+// The benchmarks' compute limit: n of the kernels' exp2 (exp2_clamped), in parallel, on arguments that stay in
+// registers (no memory traffic): the time a kernel doing n exps needs at least on this capability.
+double exp_bound(int64_t n) {
+  constexpr int64_t W = Vec::size();
+  const int64_t nvec = n / (kUnroll * W);
+  std::vector<double> partial(at::get_num_threads(), 0.0);
+  at::parallel_for(0, nvec, 4096, [&](int64_t begin, int64_t end) {
+    Vec x[kUnroll], acc[kUnroll];
+    for (int u = 0; u < kUnroll; ++u) {
+      x[u] = Vec(-0.37f * (u + 1));
+      acc[u] = Vec(0.f);
+    }
+    const Vec step(-1e-7f);
+    for (int64_t v = begin; v < end; ++v) {
+      for (int u = 0; u < kUnroll; ++u) {
+        acc[u] = acc[u] + exp2_clamped(x[u]);
+        x[u] = x[u] + step;  // a new argument each time: nothing to hoist out of the loop
+      }
+    }
+    alignas(64) float lanes[W];
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])).store(lanes);
+    double s = 0.0;
+    for (int64_t k = 0; k < W; ++k) s += lanes[k];
+    partial[at::get_thread_num()] += s;
+  });
+  double total = 0.0;
+  for (double s : partial) total += s;
+  return total;
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace spear_kernels

@@ -27,6 +27,7 @@ namespace spear_kernels {
   void logprobs_entropy_fwd(const LogprobsEntropyFwdParams& p); \
   void logprobs_entropy_bwd(const LogprobsEntropyBwdParams& p); \
   double stream_read(const float* data, int64_t n);               \
+  double exp_bound(int64_t n);                                    \
   void policy_loss_fwd(const PolicyLossParams& p);                \
   void linear_chunk_fwd(const LinearChunkFwdParams& p);           \
   void linear_chunk_bwd(const LinearChunkBwdParams& p);           \
@@ -47,6 +48,7 @@ struct KernelTable {
   LogprobsEntropyFwdFn fwd;
   LogprobsEntropyBwdFn bwd;
   StreamReadFn stream_read;
+  ExpBoundFn exp_bound;
   PolicyLossFn policy_loss;
   LinearChunkFwdFn linear_fwd;
   LinearChunkBwdFn linear_bwd;
@@ -54,7 +56,7 @@ struct KernelTable {
 
 #define SPEAR_TABLE(CAP)                                                                             \
   KernelTable {                                                                                      \
-    #CAP, &CAP::logprobs_entropy_fwd, &CAP::logprobs_entropy_bwd, &CAP::stream_read, &CAP::policy_loss_fwd, \
+    #CAP, &CAP::logprobs_entropy_fwd, &CAP::logprobs_entropy_bwd, &CAP::stream_read, &CAP::exp_bound, &CAP::policy_loss_fwd, \
         &CAP::linear_chunk_fwd, &CAP::linear_chunk_bwd                                                     \
   }
 
@@ -185,6 +187,11 @@ double stream_read_cpu(const at::Tensor& x) {
   // Reads the tensor's bytes as fp32 words: the cost of touching every byte once.
   const int64_t n = x.numel() * x.element_size() / 4;
   return kernels().stream_read(static_cast<const float*>(x.data_ptr()), n);
+}
+
+double exp_bound_cpu(int64_t n) {
+  TORCH_CHECK(n >= 0, "exp_bound: n must be >= 0");
+  return kernels().exp_bound(n);
 }
 
 void check_f32_tensor(const at::Tensor& t, int64_t n, const char* name) {
@@ -550,6 +557,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "spear_kernels C++ CPU kernels (operators live in torch.ops.spear_kernels)";
   m.def("cpu_capability", [] { return std::string(spear_kernels::kernels().name); },
         "The CPU capability whose kernels this process runs (DEFAULT, AVX2 or AVX512).");
+  m.def("exp_bound", &spear_kernels::exp_bound_cpu, pybind11::arg("n"),
+        "Computes n of the kernels' exp2 with no memory traffic (the benchmarks' compute limit).");
   m.def("group_index", &spear_kernels::group_index_objects, pybind11::arg("ids"), pybind11::arg("out"),
         pybind11::arg("tensor_type"),
         "Number the hashables in `ids` by first appearance into the int64 buffer `out`; returns the count.");

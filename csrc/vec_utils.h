@@ -51,7 +51,8 @@ inline void store_from_float(T* p, const Vec& v) {
 // AVX-512: round, a degree-5 polynomial on [-1/2, 1/2] (max rel. error 2.4e-7,
 // coefficients fitted to minimise the relative error of 2^f), and vscalefps, which
 // applies 2^n with correct underflow: 9 instructions instead of Sleef's ~20.
-// Other capabilities use ATen's exp2 (Sleef on AVX2, libm in the default build).
+// AVX2: the same polynomial, 2^n through the exponent bits (denormal results flushed to 0). The default build
+// uses ATen's exp2 (libm).
 constexpr float kMinExp2Arg = -300.f;
 
 inline Vec exp2_clamped(const Vec& x) {
@@ -66,6 +67,21 @@ inline Vec exp2_clamped(const Vec& x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469440460205f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
   return _mm512_scalef_ps(p, n);
+#elif defined(CPU_CAPABILITY_AVX2)
+  // The same polynomial; 2^n goes into the exponent field. Below -126 the result (a denormal, < 1.2e-38) is
+  // flushed to 0, which the callers cannot tell from the exact value: every row holds a term 2^0 = 1.
+  const __m256 v = x;
+  const __m256 n = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(v, n);
+  __m256 p = _mm256_set1_ps(0.001327647129073739f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.009675540961325169f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.05550713092088699f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.24022120237350464f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.6931469440460205f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0000001192092896f));
+  const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  const __m256 scaled = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
+  return _mm256_andnot_ps(_mm256_cmp_ps(v, _mm256_set1_ps(-126.f), _CMP_LT_OQ), scaled);
 #else
   return x.exp2();
 #endif

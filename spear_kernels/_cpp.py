@@ -52,6 +52,12 @@ def logprobs_entropy_bwd(
     return out
 
 
+def exp_bound(n: int) -> float:
+    """Computes ``n`` of the kernels' exp2 on register-resident arguments (the compute limit benchmarks compare
+    with: a kernel doing ``n`` exps takes at least this long on this CPU capability)."""
+    return cpp_module().exp_bound(n)
+
+
 def stream_read(x: torch.Tensor) -> float:
     """Reads every byte of a contiguous CPU tensor once (the memory-bound limit benchmarks compare with)."""
     return _ops().stream_read(x)
