@@ -26,9 +26,10 @@ def time_it(benchmark, fn: Callable[[], object], device: torch.device, budget_s:
     (3..50; 2 for calls over 2 s, whose run-to-run spread is small next to their length)."""
 
     def call():
-        out = fn()
+        fn()
         synchronize(device)
-        return out
+        # nothing is returned: pytest-benchmark would keep the last result alive during the next round, so a
+        # backward would fault in a fresh gradient buffer every round while fwd+bwd rounds reuse the freed one
 
     start = time.perf_counter()
     call()  # warm-up: compilation, first-touch allocation

@@ -57,7 +57,10 @@ using ExpBoundFn = double (*)(int64_t n);
 
 namespace spear_kernels {
 
+// The ids are the positions in spear_kernels._validation.POLICY_LOSS_MODES (a test pins them through
+// spear_kernels._C.policy_loss_modes()).
 enum class PolicyLossMode : int { kVanilla = 0, kClipCov = 1, kKlCov = 2, kGpg = 3 };
+constexpr int kNumPolicyLossModes = 4;
 
 // Per-token policy loss over B*L tokens (all arrays contiguous fp32, [B, L] flattened).
 struct PolicyLossParams {
@@ -76,17 +79,6 @@ struct PolicyLossParams {
   float* loss;               // [n] out: per-token loss
   float* dloss_dlogp;        // [n] out: d loss / d log_prob (the backward multiplies by the upstream grad)
   float* stats;              // [3] out: pg_clipfrac, ppo_kl, pg_clipfrac_lower
-};
-
-// Group statistics of scores [B] for groups 0..G-1 (inverse[i] = group of i).
-struct GroupStatsParams {
-  const float* scores;
-  const int64_t* inverse;
-  int64_t n;
-  int64_t groups;
-  float* mean;   // [G] out (singleton: 0)
-  float* std;    // [G] out, unbiased (singleton: 1)
-  float* count;  // [G] out
 };
 
 using PolicyLossFn = void (*)(const PolicyLossParams&);

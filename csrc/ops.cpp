@@ -205,7 +205,7 @@ void policy_loss_fwd_cpu(const at::Tensor& log_prob, const at::Tensor& old_log_p
                          double clip_cov_ratio, double clip_cov_lb, double clip_cov_ub, double kl_cov_ratio,
                          double ppo_kl_coef, int64_t seed, const at::Tensor& loss, const at::Tensor& dloss_dlogp,
                          const at::Tensor& stats) {
-  TORCH_CHECK(mode >= 0 && mode <= 3, "policy_loss: unknown mode ", mode);
+  TORCH_CHECK(mode >= 0 && mode < kNumPolicyLossModes, "policy_loss: unknown mode ", mode);
   auto finite_in = [](double v, double lo, double hi) { return std::isfinite(v) && v >= lo && v <= hi; };
   TORCH_CHECK(finite_in(clip_low, 0.0, 1.0) && clip_low < 1.0, "clip_ratio_low must be in [0, 1), got ", clip_low);
   TORCH_CHECK(finite_in(clip_high, 0.0, HUGE_VAL), "clip_ratio_high must be finite and >= 0, got ", clip_high);
@@ -557,6 +557,13 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "spear_kernels C++ CPU kernels (operators live in torch.ops.spear_kernels)";
   m.def("cpu_capability", [] { return std::string(spear_kernels::kernels().name); },
         "The CPU capability whose kernels this process runs (DEFAULT, AVX2 or AVX512).");
+  m.def("policy_loss_modes", [] {
+    using spear_kernels::PolicyLossMode;
+    return std::vector<std::pair<std::string, int>>{{"vanilla", static_cast<int>(PolicyLossMode::kVanilla)},
+                                                    {"clip_cov", static_cast<int>(PolicyLossMode::kClipCov)},
+                                                    {"kl_cov", static_cast<int>(PolicyLossMode::kKlCov)},
+                                                    {"gpg", static_cast<int>(PolicyLossMode::kGpg)}};
+  }, "The C++ policy-loss mode ids by name.");
   m.def("exp_bound", &spear_kernels::exp_bound_cpu, pybind11::arg("n"),
         "Computes n of the kernels' exp2 with no memory traffic (the benchmarks' compute limit).");
   m.def("group_index", &spear_kernels::group_index_objects, pybind11::arg("ids"), pybind11::arg("out"),

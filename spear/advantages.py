@@ -1,4 +1,4 @@
-"""Advantage estimators: GRPO / Dr.GRPO (through ``spear_kernels.group_advantages``) and GiGPO (SPEAR-SPEC s.5)."""
+"""Advantage estimators: GRPO / Dr.GRPO (through ``spear_kernels.group_advantages``) and GiGPO."""
 
 from __future__ import annotations
 

@@ -24,13 +24,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from spear_kernels import POLICY_LOSS_MODES
 
+from .envs import ENVS
+
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_LOSS_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 TOOLCALL_REWARD_MODES = ("none", "constant", "cosine")
 ADV_ESTIMATORS = ("grpo", "gigpo")
-ENV_NAMES = ("math", "textworld")
+ENV_NAMES = ENVS
 LOGGERS = ("console", "tensorboard", "wandb")
 
 
@@ -304,6 +306,12 @@ def validate(cfg: SpearConfig) -> SpearConfig:
     if path is not None and (not isinstance(path, str) or not path.strip()):
         raise ConfigError(f"actor_rollout_ref.model.path = {path!r} is not allowed; expected a directory or null")
     _check_range("data.train_batch_size", cfg.data.train_batch_size, 1, MAX_EPISODES_PER_STEP)
+    if r.rollout_filter_ratio < 1 and int(r.rollout_filter_ratio * cfg.data.train_batch_size) == 0:
+        raise ConfigError(
+            f"{q}rollout_filter_ratio={r.rollout_filter_ratio} keeps int({r.rollout_filter_ratio} * "
+            f"{cfg.data.train_batch_size}) = 0 of the data.train_batch_size={cfg.data.train_batch_size} groups: "
+            "no step would train; raise either"
+        )
     if cfg.data.train_batch_size * r.n > MAX_EPISODES_PER_STEP:
         raise ConfigError(
             f"data.train_batch_size x {q}n = {cfg.data.train_batch_size * r.n} episodes per step is too many; "

@@ -1,4 +1,4 @@
-"""Dr.BoT response filters and the rollout std filter (SPEAR-SPEC section 4).
+"""Dr.BoT response filters and the rollout std filter (docs/config.md: the filter keys).
 
 A flagged response keeps its place in its group's reward statistics; only its loss mask is zeroed.
 """

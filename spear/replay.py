@@ -1,4 +1,4 @@
-"""Self-imitation replay: the trajectory buffer, its baseline, advantage recalibration (SPEAR-SPEC section 2).
+"""Self-imitation replay: the trajectory buffer, its baseline, advantage recalibration (docs/config.md: replay keys).
 
 Per training step ``t`` the trainer calls, in this order::
 

@@ -1,4 +1,4 @@
-"""The intrinsic tool-call reward (SPEAR-SPEC section 3)."""
+"""The intrinsic tool-call reward (docs/config.md: ``algorithm.use_toolcall_reward``)."""
 
 from __future__ import annotations
 

@@ -368,13 +368,3 @@ def update_loss(
     if weight != 1.0:
         loss = loss * weight
     return loss, metrics
-
-
-def check_update_config(cfg: SpearConfig) -> None:
-    """Settings no step can run with (called by both trainers before anything is built)."""
-    ratio, groups = cfg.actor_rollout_ref.rollout.rollout_filter_ratio, cfg.data.train_batch_size
-    if ratio < 1 and int(ratio * groups) == 0:
-        raise ConfigError(
-            f"actor_rollout_ref.rollout.rollout_filter_ratio={ratio} keeps int({ratio} * {groups}) = 0 of the "
-            f"data.train_batch_size={groups} groups: no step would train; raise either"
-        )

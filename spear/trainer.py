@@ -1,7 +1,7 @@
 """The slim single-process SPEAR trainer: rollouts, rewards, Dr.BoT filters, advantages, PPO-style updates,
 self-imitation replay, checkpoints and evaluation, on one machine with no Ray and no GPU.
 
-One step (SPEAR-SPEC section 1):
+One step (the order of :mod:`spear.step`):
 
 1. ``data.train_batch_size`` tasks, each rolled out ``rollout.n`` times (one ``uid`` per group);
 2. outcome reward + the intrinsic tool-call reward at the last assistant token;
@@ -40,7 +40,7 @@ from .config import ConfigError, SpearConfig, to_dict
 from .envs import make_env
 from .models import default_model_path, expert_transcripts, load_policy
 from .rollout import Episode, collate, response_logprobs, rollout
-from .step import SpearStep, StepBatch, check_update_config, minibatches, normalisers, update_loss
+from .step import SpearStep, StepBatch, minibatches, normalisers, update_loss
 
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_VERSION = 1
@@ -523,7 +523,6 @@ class Trainer:
         self.run_dir = Path(cfg.trainer.default_local_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         _set_threads(cfg)
-        check_update_config(cfg)
         check_loggers(cfg.trainer.logger)
         seed = cfg.trainer.seed
         resume_from = None

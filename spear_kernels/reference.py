@@ -159,7 +159,7 @@ def group_advantages(scores: torch.Tensor, group_ids, *, norm_by_std: bool = Tru
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-token policy losses (SPEAR-SPEC section 6).
+# Per-token policy losses.
 
 LOG_RATIO_CLAMP = 20.0
 

@@ -123,3 +123,11 @@ def test_cpp_backend_rejects_non_cpu_device():
 
     with pytest.raises(sk.BackendUnavailableError, match="CPU tensors"):
         resolve_backend("cpp", torch.device("meta"))
+
+
+@pytest.mark.skipif("cpp" not in sk.available_backends(), reason="the C++ extension is not built")
+def test_the_cpp_policy_loss_mode_ids_are_the_python_ones():
+    from spear_kernels import _backend
+    from spear_kernels._validation import POLICY_LOSS_MODE_IDS
+
+    assert dict(_backend.cpp_module().policy_loss_modes()) == POLICY_LOSS_MODE_IDS

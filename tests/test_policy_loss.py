@@ -89,7 +89,7 @@ def run_ours(mode, log_prob, old, adv, mask, p, backend, generator=None):
 
 
 def clip_cov_candidates(log_prob, old, adv, mask, p):
-    """The clip-cov candidate set, written out from SPEAR-SPEC section 6."""
+    """The clip-cov candidate set, written out from its definition."""
     ratio = (log_prob - old).clamp(-20, 20).exp()
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1 - p["clip_ratio_low"], 1 + p["clip_ratio_high"])
@@ -286,7 +286,7 @@ def test_bad_inputs_raise_value_error(backend):
 
 
 def test_reference_is_the_spec_for_vanilla():
-    """The reference against the SPEAR-SPEC formulas written out by hand on a few tokens."""
+    """The reference against the formulas written out by hand on a few tokens."""
     log_prob = torch.tensor([[0.0, 0.5, -0.5, 30.0]])
     old = torch.zeros(1, 4)
     adv = torch.tensor([[1.0, 1.0, -1.0, -2.0]])
