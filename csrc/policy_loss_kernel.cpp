@@ -153,6 +153,11 @@ inline bool any_lane(const Vec& mask) {
                                         mask & Vec(1.f)) != 0.f;
 }
 
+// The covariance clip_cov and kl_cov rank tokens by: (A - mean A)(log_prob - mean log_prob).
+inline Vec token_cov(const PolicyLossParams& p, int64_t i, int64_t count, float mean_adv, float mean_logp) {
+  return (Vec::loadu(p.advantages + i, count) - Vec(mean_adv)) * (Vec::loadu(p.log_prob + i, count) - Vec(mean_logp));
+}
+
 // Per-chunk outputs of a parallel pass, concatenated in chunk order: the result does not depend on how the
 // chunks were scheduled, and indices come out increasing without a sort.
 template <typename T, typename PerChunk>
@@ -180,8 +185,7 @@ std::vector<int64_t> clip_cov_candidates(const PolicyLossParams& p, float mean_a
   return gather_chunks<int64_t>(p.n, [&](int64_t begin, int64_t end, std::vector<int64_t>& out) {
     for (int64_t i = begin; i < end; i += W) {
       const int64_t count = std::min(W, end - i);
-      const Vec cov = (Vec::loadu(p.advantages + i, count) - Vec(mean_adv)) *
-                      (Vec::loadu(p.log_prob + i, count) - Vec(mean_logp));
+      const Vec cov = token_cov(p, i, count, mean_adv, mean_logp);
       const Vec window = (Vec::loadu(p.mask + i, count) > Vec(0.f)) & (cov > Vec(p.clip_cov_lb)) &
                          (cov < Vec(p.clip_cov_ub));
       if (!any_lane(window)) continue;
@@ -211,8 +215,7 @@ std::vector<CovEntry> kl_cov_heaps(const PolicyLossParams& p, int64_t k, float m
     auto& heap = heaps[at::get_thread_num()];  // min-heap under `better`: front is the worst kept
     for (int64_t i = begin; i < end; i += W) {
       const int64_t count = std::min(W, end - i);
-      const Vec cov = (Vec::loadu(p.advantages + i, count) - Vec(mean_adv)) *
-                      (Vec::loadu(p.log_prob + i, count) - Vec(mean_logp));
+      const Vec cov = token_cov(p, i, count, mean_adv, mean_logp);
       Vec eligible = Vec::loadu(p.mask + i, count) > Vec(0.f);
       if (static_cast<int64_t>(heap.size()) == k) eligible = eligible & (cov >= Vec(heap.front().first));
       if (!any_lane(eligible)) continue;
@@ -244,8 +247,7 @@ std::vector<CovEntry> kl_cov_at_least(const PolicyLossParams& p, float threshold
   return gather_chunks<CovEntry>(p.n, [&](int64_t begin, int64_t end, std::vector<CovEntry>& out) {
     for (int64_t i = begin; i < end; i += W) {
       const int64_t count = std::min(W, end - i);
-      const Vec cov = (Vec::loadu(p.advantages + i, count) - Vec(mean_adv)) *
-                      (Vec::loadu(p.log_prob + i, count) - Vec(mean_logp));
+      const Vec cov = token_cov(p, i, count, mean_adv, mean_logp);
       const Vec eligible = (Vec::loadu(p.mask + i, count) > Vec(0.f)) & (cov >= Vec(threshold));
       if (!any_lane(eligible)) continue;
       alignas(64) float covs[W], flags[W];

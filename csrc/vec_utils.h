@@ -55,17 +55,17 @@ inline void store_from_float(T* p, const Vec& v) {
 // uses ATen's exp2 (libm).
 constexpr float kMinExp2Arg = -300.f;
 
+// 2^f on [-1/2, 1/2], highest degree first (Horner).
+constexpr float kExp2Poly[6] = {0.001327647129073739f, 0.009675540961325169f, 0.05550713092088699f,
+                                0.24022120237350464f,  0.6931469440460205f,   1.0000001192092896f};
+
 inline Vec exp2_clamped(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 v = x;
   const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(v, n);
-  __m512 p = _mm512_set1_ps(0.001327647129073739f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675540961325169f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550713092088699f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022120237350464f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469440460205f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int c = 1; c < 6; ++c) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[c]));
   return _mm512_scalef_ps(p, n);
 #elif defined(CPU_CAPABILITY_AVX2)
   // The same polynomial; 2^n goes into the exponent field. Below -126 the result (a denormal, < 1.2e-38) is
@@ -73,12 +73,8 @@ inline Vec exp2_clamped(const Vec& x) {
   const __m256 v = x;
   const __m256 n = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(v, n);
-  __m256 p = _mm256_set1_ps(0.001327647129073739f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.009675540961325169f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.05550713092088699f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.24022120237350464f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.6931469440460205f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0000001192092896f));
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int c = 1; c < 6; ++c) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[c]));
   const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
   const __m256 scaled = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
   return _mm256_andnot_ps(_mm256_cmp_ps(v, _mm256_set1_ps(-126.f), _CMP_LT_OQ), scaled);
