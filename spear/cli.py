@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 from .compare import DEFAULT_TASK, METHODS
-from .config import ConfigError, available_presets, load_config
-from .models import ModelLoadError
+from .config import UserError, available_presets, load_config
 
 # `spear compare --quick`: a smoke check of the whole pipeline in about a minute
 QUICK_STEPS = 4
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError, OSError, ImportError, ValueError) as err:  # OSError: unwritable paths
+    except (UserError, OSError, ImportError) as err:  # OSError: missing or unwritable paths; other errors are bugs
         print(f"spear {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

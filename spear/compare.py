@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, SpearConfig, available_presets, load_config, to_dict
+from .config import ConfigError, SpearConfig, UserError, available_presets, load_config, to_dict
 
 METHODS = {
     "grpo": "GRPO",
@@ -70,7 +70,7 @@ def summarize_run(records: Sequence[dict], total_steps: int, threshold: float) -
     """
     evals = [(int(r["step"]), float(r["val/success"])) for r in records if "val/success" in r]
     if not evals or evals[0][0] != 0 or evals[-1][0] != total_steps:
-        raise ValueError(
+        raise UserError(
             f"the run needs evaluations at step 0 and at step {total_steps}; it has steps {[s for s, _ in evals]}"
         )
     area = sum((s1 - s0) * (v0 + v1) / 2 for (s0, v0), (s1, v1) in zip(evals, evals[1:], strict=False))

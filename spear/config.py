@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from spear_kernels import POLICY_LOSS_MODES
+from spear_kernels._validation import MIN_TEMPERATURE
 
 from .envs import ENVS
 
@@ -36,7 +37,12 @@ ENV_NAMES = ENVS
 LOGGERS = ("console", "tensorboard", "wandb")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A problem with what the user gave (a config, a path, a run directory): the CLI prints it on one line and
+    exits 2. Any other exception is a bug and keeps its traceback."""
+
+
+class ConfigError(UserError):
     """A config key is unknown, or its value is out of range or not among the allowed ones."""
 
 
@@ -295,7 +301,7 @@ def validate(cfg: SpearConfig) -> SpearConfig:
     _check_range(q + "rollout_filter_ratio", r.rollout_filter_ratio, 0, 1, lo_open=True)
     _check_choice(q + "rollout_filter_type", r.rollout_filter_type, ("std",))
     _check_range(q + "n", r.n, 1, MAX_GROUP_SIZE)
-    _check_range(q + "temperature", r.temperature, 0, lo_open=True)
+    _check_range(q + "temperature", r.temperature, MIN_TEMPERATURE)  # the log-prob kernels' smallest
     _check_range(q + "top_p", r.top_p, 0, 1, lo_open=True)
     _check_range(q + "response_length", r.response_length, 1, MAX_TOKENS)
     _check_range(q + "max_turns", r.max_turns, 1, MAX_TOKENS)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .config import ConfigError, UserError
 from .envs import make_env
 from .envs.base import cache_dir
 
@@ -34,7 +35,7 @@ CORPUS_EPISODES = {"math": 2000, "textworld": 32}
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """The model path does not hold a loadable Hugging Face causal LM and tokenizer."""
 
 
@@ -96,7 +97,7 @@ def build_tiny_model(
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if env_name not in DEFAULT_SIZES:
-        raise ValueError(f"no tiny-model defaults for environment {env_name!r}; known: {', '.join(DEFAULT_SIZES)}")
+        raise ConfigError(f"no tiny-model defaults for environment {env_name!r}; known: {', '.join(DEFAULT_SIZES)}")
     cfg = {**DEFAULT_SIZES[env_name], **sizes}
     # math: fresh seeds far from the training/eval ranges (the tokenizer only learns the format); textworld:
     # the first training games (generating a game takes seconds, and those are generated for training anyway).

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import UserError
 from .trainer import read_metrics
 
 PANELS = (
@@ -33,7 +34,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     if not records:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no records: nothing to plot")
+        raise UserError(f"{run_dir / 'metrics.jsonl'} holds no records: nothing to plot")
     out = Path(output) if output else run_dir / "plots" / "curves.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))

@@ -20,6 +20,8 @@ import torch
 
 import spear_kernels as sk
 
+from .config import ConfigError, UserError
+
 
 @dataclass
 class Episode:
@@ -151,7 +153,7 @@ def start_episode(env, seed: int, uid: Any, tokenizer, max_prompt_length: int) -
     prompt = env.reset(int(seed))
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     if len(ids) > max_prompt_length:
-        raise ValueError(
+        raise ConfigError(
             f"the prompt of seed {seed} has {len(ids)} tokens > data.max_prompt_length={max_prompt_length}"
         )
     ep = Episode(seed=int(seed), uid=uid, prompt_ids=ids)
@@ -291,7 +293,7 @@ def collate(episodes: Sequence[Episode], *, pad_id: int, max_prompt_length: int,
     for i, ep in enumerate(episodes):
         p, r = len(ep.prompt_ids), len(ep.response_ids)
         if p > max_prompt_length or r > response_length:
-            raise ValueError(
+            raise ConfigError(
                 f"episode {i} does not fit: prompt {p} > {max_prompt_length} or response {r} > {response_length}"
             )
         prompts[i, max_prompt_length - p :] = torch.tensor(ep.prompt_ids, dtype=torch.long)
@@ -313,7 +315,7 @@ def _decoder_and_head(model):
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
-        raise ValueError("lm_head with a bias is not supported by the fused log-prob forward")
+        raise UserError("lm_head with a bias is not supported by the fused log-prob forward")
     return decoder, head.weight
 
 

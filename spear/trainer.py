@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, SpearConfig, to_dict
+from .config import ConfigError, SpearConfig, UserError, to_dict
 from .envs import make_env
 from .models import default_model_path, expert_transcripts, load_policy
 from .rollout import Episode, collate, response_logprobs, rollout
@@ -59,7 +59,7 @@ def make_envs(cfg: SpearConfig, count: int) -> list:
     try:
         return [make_env(cfg.env.name, **env_kwargs(cfg)) for _ in range(count)]
     except TypeError as err:
-        raise ValueError(f"env.kwargs {dict(cfg.env.kwargs)} do not fit environment {cfg.env.name!r}: {err}") from None
+        raise ConfigError(f"env.kwargs {dict(cfg.env.kwargs)} do not fit environment {cfg.env.name!r}: {err}") from None
 
 
 def run_rollout(model, tokenizer, cfg: SpearConfig, envs, seeds, uids=None, *, temperature, top_p, generator):
@@ -155,7 +155,7 @@ def expert_episodes(cfg: SpearConfig, tokenizer, count: int) -> list[Episode]:
             ep.response_mask += [int(is_assistant)] * len(ids)
         too_long = len(ep.response_ids) > cfg.actor_rollout_ref.rollout.response_length
         if len(ep.prompt_ids) > cfg.data.max_prompt_length or too_long:
-            raise ValueError(
+            raise ConfigError(
                 f"expert episode of seed {seed} does not fit data.max_prompt_length / rollout.response_length "
                 f"({len(ep.prompt_ids)} / {len(ep.response_ids)} tokens)"
             )
@@ -321,7 +321,7 @@ def _complete_records(path: Path) -> list[tuple[str, Any]]:
         except ValueError:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}: line {i + 1} is not a JSON record") from None
+            raise UserError(f"{path}: line {i + 1} is not a JSON record") from None
     return out
 
 
@@ -330,7 +330,7 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the run (the CLI prints it on one line)."""
 
 
@@ -439,7 +439,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     records = [record for _, record in _complete_records(path)]
     for i, r in enumerate(records):
         if not isinstance(r, dict) or not isinstance(r.get("step"), int):
-            raise ValueError(f"{path}: record {i + 1} is not a metrics record (a JSON object with an integer 'step')")
+            raise UserError(f"{path}: record {i + 1} is not a metrics record (a JSON object with an integer 'step')")
     return records
 
 
@@ -451,7 +451,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     name = pointer.read_text(errors="replace").strip()
     if not re.fullmatch(r"step_[0-9]{6,}", name):
-        raise ValueError(f"{pointer} names {name!r}, not a checkpoint of this run directory (step_NNNNNN)")
+        raise UserError(f"{pointer} names {name!r}, not a checkpoint of this run directory (step_NNNNNN)")
     path = ckpt_dir / name
     return path if (path / STATE_FILE).is_file() else None
 

@@ -137,6 +137,7 @@ def test_wandb_not_logged_in_is_refused_before_the_run_directory_is_made(tiny_mo
         ("trainer.seed=???", "trainer.seed"),  # once silently the default
         ("env.kwargs=[1,2]", "env.kwargs"),
         ("actor_rollout_ref.actor.policy_loss.clip_cov_ratio=2", "clip_cov_ratio"),
+        ("actor_rollout_ref.rollout.temperature=1e-6", "rollout.temperature"),  # below the log-prob kernels' range
     ],
 )
 def test_bad_sizes_and_values_are_refused_before_anything_is_written(tiny_model, tmp_path, capsys, override, key):
@@ -165,3 +166,15 @@ def test_a_killed_checkpoint_write_leaves_nothing_behind_after_the_next_start(ch
     )
     assert not orphan.exists() and not (ckpt / f"latest.tmp{dead_pid}").exists()
     assert live.exists()
+
+
+def test_an_internal_error_keeps_its_traceback(checkpointed_run, monkeypatch):
+    """Only errors about what the user gave are one-liners; a ValueError from inside is a bug and is raised."""
+    import spear.plot
+
+    def broken(*args, **kwargs):
+        raise ValueError("internal failure")
+
+    monkeypatch.setattr(spear.plot, "plot_run", broken)
+    with pytest.raises(ValueError, match="internal failure"):
+        cli_main(["plot", str(checkpointed_run[0])])
