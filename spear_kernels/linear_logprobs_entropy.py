@@ -69,7 +69,7 @@ def linear_logprobs_entropy(
         hidden: ``[..., H]`` final hidden states, float32 / bfloat16 / float16.
         weight: ``[V, H]`` lm_head weight (no bias), same dtype as ``hidden``.
         labels: ``[...]`` token ids; ``-100`` ignores a token (outputs 0, no gradient from it).
-        temperature: ``> 0``.
+        temperature: ``>= 1e-5`` and finite.
         return_entropy: when False the second output is None.
         backend: ``cpp``, ``triton``, ``torch`` or None (see :func:`spear_kernels.available_backends`).
 

@@ -79,7 +79,7 @@ def logprobs_entropy(
         logits: ``[..., V]`` float32, bfloat16 or float16; any strides.
         labels: ``[...]`` integer token ids; ``-100`` (:data:`spear_kernels.IGNORE_INDEX`) marks a
             token to skip: its outputs are 0 and its row of the gradient is 0.
-        temperature: ``> 0``; the distribution is ``softmax(logits / temperature)``.
+        temperature: ``>= 1e-5`` and finite; the distribution is ``softmax(logits / temperature)``.
         return_entropy: when False, the second output is None (its cost is the same either way).
         backend: ``"cpp"``, ``"triton"`` or ``"torch"``; None picks one (see :func:`available_backends`).
 
