@@ -18,7 +18,7 @@ RUN_DIR ?= runs/$(RUN_PRESET)
 setup: $(VENV)/.spear-dev
 setup-train: $(VENV)/.spear-train
 
-$(VENV)/.spear-%: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h)
+$(VENV)/.spear-%: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/ops/*.cpp)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet '$(TORCH_SPEC)' $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) \
@@ -50,8 +50,8 @@ lint: setup
 # The kernel and hostile-input tests against an ASan + UBSan build of the extension (build/sanitize); the
 # tests that start interpreters with other builds of the extension are left out.
 SAN_DIR := build/sanitize
-SAN_TESTS ?= tests/test_logprobs_entropy.py tests/test_linear_logprobs_entropy.py tests/test_policy_loss.py \
-	tests/test_group_advantages.py tests/test_hostile.py tests/test_api.py
+SAN_TESTS ?= tests/kernels/test_logprobs_entropy.py tests/kernels/test_linear_logprobs_entropy.py \
+	tests/kernels/test_policy_loss.py tests/kernels/test_group_advantages.py tests/kernels/test_hostile.py tests/kernels/test_api.py
 sanitize: setup
 	cmake -S . -B $(SAN_DIR) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSPEAR_SANITIZE=ON \
 		-DCMAKE_LIBRARY_OUTPUT_DIRECTORY=$(abspath $(SAN_DIR)/lib) -DPython_EXECUTABLE=$(abspath $(BIN)/python) \

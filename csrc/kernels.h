@@ -1,4 +1,4 @@
-// Plain-data parameter blocks passed from the dispatcher (ops.cpp) to the
+// Plain-data parameter blocks passed from the dispatcher (csrc/ops/*.cpp) to the
 // per-capability kernel files. No ATen types here: each kernel file is compiled
 // once per CPU capability and must not disagree with its siblings on layout.
 #pragma once
@@ -88,7 +88,7 @@ using PolicyLossFn = void (*)(const PolicyLossParams&);
 namespace spear_kernels {
 
 // One [rows, cols] chunk of logits z = hidden[t0:t0+rows] @ weight[col0:col0+cols]^T, produced by a
-// GEMM into a contiguous workspace, handed to the epilogue (see linear_logprobs_entropy in ops.cpp).
+// GEMM into a contiguous workspace, handed to the epilogue (see linear_logprobs_entropy in ops/linear_logprobs_entropy.cpp).
 struct LinearChunkFwdParams {
   const void* z;             // [rows, cols] contiguous
   FloatKind kind;

@@ -1,5 +1,5 @@
 // Epilogues of the fused lm_head + log-prob/entropy op: they consume one GEMM-produced chunk of
-// logits at a time (see linear_logprobs_entropy in ops.cpp for the chunk loop and the GEMMs).
+// logits at a time (see linear_logprobs_entropy in ops/linear_logprobs_entropy.cpp for the chunk loop and the GEMMs).
 // The row math is softmax_rows.h's, shared with logprobs_entropy. Compiled per CPU capability.
 #include "softmax_rows.h"
 

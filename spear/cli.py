@@ -18,8 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from .compare import DEFAULT_TASK, METHODS
 from .config import UserError, available_presets, load_config
+from .trainer.compare import DEFAULT_TASK, METHODS
 
 # `spear compare --quick`: a smoke check of the whole pipeline in about a minute
 QUICK_STEPS = 4
@@ -53,8 +53,8 @@ def _quiet_transformers() -> None:
 
 
 def cmd_train(args) -> int:
-    from .plot import plot_run
     from .trainer import Trainer
+    from .trainer.plot import plot_run
 
     cfg = _load(args)
     trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet, allow_changes=args.allow_changes)
@@ -71,7 +71,7 @@ def cmd_sft(args) -> int:
     out = Path(args.output or Path(cfg.trainer.default_local_dir) / "sft")
     summary = run_sft(cfg, out, model_path=args.model, progress=not args.quiet)
     if not args.no_eval:
-        from .models import load_policy
+        from .trainer import load_policy
 
         model, tokenizer = load_policy(out)
         summary.update(evaluate(model, tokenizer, cfg))
@@ -80,8 +80,7 @@ def cmd_sft(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .models import default_model_path, load_policy
-    from .trainer import evaluate
+    from .trainer import default_model_path, evaluate, load_policy
 
     cfg = _load(args)
     path = args.model or cfg.actor_rollout_ref.model.path or default_model_path(cfg.env.name)
@@ -91,22 +90,22 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plot import plot_run
+    from .trainer.plot import plot_run
 
     print(plot_run(args.run_dir, args.output))
     return 0
 
 
 def cmd_build_model(args) -> int:
-    from .models import build_tiny_model
+    from .trainer import build_tiny_model
 
     print(build_tiny_model(args.output, args.env))
     return 0
 
 
 def cmd_compare(args) -> int:
-    """Methods against each other over seeds from one cold-start SFT model (:mod:`spear.compare`)."""
-    from .compare import DEFAULT_SEEDS, run_compare
+    """Methods against each other over seeds from one cold-start SFT model (:mod:`spear.trainer.compare`)."""
+    from .trainer.compare import DEFAULT_SEEDS, run_compare
 
     seeds = args.seeds or (list(DEFAULT_SEEDS[:2]) if args.quick else list(DEFAULT_SEEDS))
     steps = args.steps or (QUICK_STEPS if args.quick else 0)

@@ -1,7 +1,7 @@
 """``linear_logprobs_entropy``: token log-prob and entropy of softmax(hidden @ weight.T / T) without ever
 materialising the [tokens, V] logits.
 
-Layers: the C++ driver (``linear_logprobs_entropy`` in ``csrc/ops.cpp``: ATen GEMMs over
+Layers: the C++ driver (``linear_logprobs_entropy`` in ``csrc/ops/linear_logprobs_entropy.cpp``: ATen GEMMs over
 [token chunk, vocab chunk] tiles of a bounded workspace, with the vectorised epilogue of
 ``csrc/linear_logprobs_entropy_kernel.cpp``) and the Triton kernels
 (:mod:`spear_kernels._triton.linear_logprobs_entropy`: a tiled GEMM with an online-softmax epilogue)

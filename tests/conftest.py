@@ -15,7 +15,7 @@ torch.use_deterministic_algorithms(False)
 def tiny_model(tmp_path_factory):
     """A very small model (1 layer, hidden 32) with the math tokenizer: fast enough for many trainer runs."""
     pytest.importorskip("transformers", reason="the train extra is not installed")
-    from spear.models import build_tiny_model
+    from spear.trainer.models import build_tiny_model
 
     path = tmp_path_factory.mktemp("models") / "micro-math"
     return build_tiny_model(

@@ -7,7 +7,7 @@ MODEL=${MODEL:-Qwen/Qwen2.5-1.5B-Instruct}
 TRAIN=${TRAIN:-$HOME/data/alfworld/train.parquet}
 VAL=${VAL:-$HOME/data/alfworld/test.parquet}
 
-python -m spear.verl_recipe.main \
+python -m spear.verl.recipe.main \
   data.train_files="$TRAIN" data.val_files="$VAL" \
   data.train_batch_size=16 data.max_prompt_length=2048 data.max_response_length=512 \
   actor_rollout_ref.model.path="$MODEL" \

@@ -9,10 +9,10 @@ OUT=${OUT:-runs/verl_math_cpu}
 mkdir -p "$OUT"
 # 1. the tiny model's cold-start SFT (the slim trainer's `spear sft`) and a dataset of task seeds
 [ -f "$OUT/sft/spear_sft.json" ] || "$(dirname "$PY")/spear" sft --preset tiny_math --output "$OUT/sft" --no-eval --quiet sft.steps=300
-"$PY" -m spear.verl_recipe.data --env math --train 64 --val 16 --out "$OUT/data"
+"$PY" -m spear.verl.recipe.data --env math --train 64 --val 16 --out "$OUT/data"
 # 2. verl's trainer with the CPU mode loaded in every process
-export VERL_USE_EXTERNAL_MODULES=spear.verl_recipe.cpu VERL_PLATFORM=cpu OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-"$PY" -m spear.verl_recipe.main $("$PY" -c "from spear.verl_recipe import cpu; print(*cpu.overrides())" 2>/dev/null) \
+export VERL_USE_EXTERNAL_MODULES=spear.verl.recipe.cpu VERL_PLATFORM=cpu OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+"$PY" -m spear.verl.recipe.main $("$PY" -c "from spear.verl.recipe import cpu; print(*cpu.overrides())" 2>/dev/null) \
   data.train_files="$OUT/data/train.parquet" data.val_files="$OUT/data/val.parquet" \
   data.train_batch_size=4 data.max_prompt_length=32 data.max_response_length=96 \
   actor_rollout_ref.model.path="$OUT/sft" \

@@ -11,6 +11,7 @@ from typing import Any
 
 from .base import StepResult, TextEnv, extract_tag, parse_integer
 from .calculator import CalculatorError, calculate
+from .experts import expert_transcripts
 from .math_tool import MathToolEnv
 
 ENVS = ("math", "textworld")
@@ -34,6 +35,7 @@ __all__ = [
     "StepResult",
     "TextEnv",
     "calculate",
+    "expert_transcripts",
     "extract_tag",
     "parse_integer",
     "make_env",

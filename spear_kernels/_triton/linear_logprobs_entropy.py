@@ -17,8 +17,8 @@ import triton.language as tl
 
 from .._backend import triton_interpret
 from .._validation import IGNORE_INDEX
+from .softmax import LN2, LN2_VALUE, LOG2E, LOG2E_VALUE, log2_softmax, online_softmax_update
 
-LN2 = 0.6931471805599453
 BLOCK_T, BLOCK_V, BLOCK_K = 64, 64, 64
 NUM_WARPS = 4
 
@@ -74,7 +74,7 @@ def _linear_fwd_kernel(
     split = tl.program_id(1).to(tl.int64)
     t_offs = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     labels = tl.load(labels_ptr + t_offs, mask=t_offs < N, other=-1)
-    k = inv_t * 1.4426950408889634
+    k = inv_t * LOG2E
     m = tl.full([BLOCK_T], -float("inf"), tl.float32)
     s = tl.zeros([BLOCK_T], dtype=tl.float32)
     d = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -86,15 +86,7 @@ def _linear_fwd_kernel(
         z_label = tl.sum(tl.where(hit, z, 0.0), axis=1)
         found = tl.sum(hit.to(tl.int32), axis=1) > 0
         tl.store(label_logit_ptr + t_offs, z_label, mask=found & (t_offs < N))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        base = tl.where(m_new == -float("inf"), 0.0, m_new)
-        shift = tl.where(m == -float("inf"), 0.0, (m - base) * k)
-        scale = tl.exp2(shift)
-        dz = tl.maximum((z - base[:, None]) * k, -300.0)
-        e = tl.exp2(dz)
-        d = (d + s * shift) * scale + tl.sum(dz * e, axis=1)
-        s = s * scale + tl.sum(e, axis=1)
-        m = m_new
+        m, s, d = online_softmax_update(m, s, d, z, k, 1)
     out = part_ptr + (split * N + t_offs) * 3
     tl.store(out, m, mask=t_offs < N)
     tl.store(out + 1, s, mask=t_offs < N)
@@ -142,11 +134,11 @@ def _linear_bwd_kernel(
     m = tl.load(stats_ptr + 2 * t_offs, mask=t_in, other=0.0)
     log2_s = tl.load(stats_ptr + 2 * t_offs + 1, mask=t_in, other=0.0)
     entropy = tl.load(entropy_ptr + t_offs, mask=t_in, other=0.0)
-    k = inv_t * 1.4426950408889634
+    k = inv_t * LOG2E
     a = -inv_t * (g_lp + g_h * entropy)
-    b2 = -inv_t * g_h * 0.6931471805599453
+    b2 = -inv_t * g_h * LN2
     z = _logit_tile(h_ptr, w_ptr, t_offs, v_offs, N, V, H, BLOCK_T, BLOCK_V, BLOCK_K, DOT_FP32)
-    d2 = tl.maximum((z - m[:, None]) * k - log2_s[:, None], -300.0)
+    d2 = log2_softmax(z, m[:, None], log2_s[:, None], k)
     p = tl.where(active[:, None], tl.exp2(d2), 0.0)
     dz = p * (a[:, None] + b2[:, None] * d2)
     dz = tl.where(v_offs[None, :] == labels[:, None], dz + inv_t * g_lp[:, None], dz)
@@ -209,7 +201,7 @@ def linear_logprobs_entropy_fwd(hidden, weight, labels, temperature: float):
         num_warps=NUM_WARPS,
     )
     # Merge the splits: rebase each (S, D) from its own max to the global one.
-    k = 1.4426950408889634 / temperature
+    k = LOG2E_VALUE / temperature
     m_i, s_i, d_i = part.unbind(-1)
     m = m_i.max(0).values
     live = s_i > 0
@@ -218,8 +210,8 @@ def linear_logprobs_entropy_fwd(hidden, weight, labels, temperature: float):
     s = (s_i * scale).sum(0)
     d = ((d_i + s_i * shift) * scale).sum(0)
     log2_s = torch.log2(s)
-    entropy = LN2 * (log2_s - d / s)
-    logp = (label_logit - m) / temperature - LN2 * log2_s
+    entropy = LN2_VALUE * (log2_s - d / s)
+    logp = (label_logit - m) / temperature - LN2_VALUE * log2_s
     ignore = labels == IGNORE_INDEX
     zero = torch.zeros_like(logp)
     stats = torch.stack([torch.where(ignore, zero, m), torch.where(ignore, zero, log2_s)], dim=1)

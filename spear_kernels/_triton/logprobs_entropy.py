@@ -16,10 +16,8 @@ import triton
 import triton.language as tl
 
 from .._validation import IGNORE_INDEX
+from .softmax import LN2, LOG2E, log2_softmax, online_softmax_update
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-MIN_EXP2_ARG = -300.0  # 2^-300 == 0 in fp32: -inf logits contribute exactly 0
 MAX_BLOCK_V = 4096
 
 
@@ -45,27 +43,18 @@ def _logprobs_entropy_fwd_kernel(
         tl.store(stats_ptr + 2 * row, 0.0)
         tl.store(stats_ptr + 2 * row + 1, 0.0)
     else:
-        k = inv_t * 1.4426950408889634
+        k = inv_t * LOG2E
         m = -float("inf")
         s = 0.0
         d = 0.0
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             z = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            # While everything seen is -inf, keep the base finite so nothing becomes -inf - -inf.
-            base = tl.where(m_new == -float("inf"), 0.0, m_new)
-            shift = tl.where(m == -float("inf"), 0.0, (m - base) * k)
-            scale = tl.exp2(shift)
-            dz = tl.maximum((z - base) * k, -300.0)
-            e = tl.exp2(dz)
-            d = (d + s * shift) * scale + tl.sum(dz * e, axis=0)
-            s = s * scale + tl.sum(e, axis=0)
-            m = m_new
+            m, s, d = online_softmax_update(m, s, d, z, k, 0)
         log2_s = tl.log2(s)
-        entropy = 0.6931471805599453 * (log2_s - d / s)
+        entropy = LN2 * (log2_s - d / s)
         z_label = tl.load(row_ptr + label).to(tl.float32)
-        tl.store(logp_ptr + row, (z_label - m) * inv_t - 0.6931471805599453 * log2_s)
+        tl.store(logp_ptr + row, (z_label - m) * inv_t - LN2 * log2_s)
         tl.store(entropy_ptr + row, entropy)
         tl.store(stats_ptr + 2 * row, m)
         tl.store(stats_ptr + 2 * row + 1, log2_s)
@@ -107,14 +96,14 @@ def _logprobs_entropy_bwd_kernel(
         m = tl.load(stats_ptr + 2 * row)
         log2_s = tl.load(stats_ptr + 2 * row + 1)
         entropy = tl.load(entropy_ptr + row)
-        k = inv_t * 1.4426950408889634
+        k = inv_t * LOG2E
         # dz = p (a + b2 d2) + 1[y] g_lp / T, with d2 = (x - lse) log2 e = (z - m) k - log2 S, p = 2^d2.
         a = -inv_t * (g_lp + g_h * entropy)
-        b2 = -inv_t * g_h * 0.6931471805599453
+        b2 = -inv_t * g_h * LN2
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             z = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-            d2 = tl.maximum((z - m) * k - log2_s, -300.0)
+            d2 = log2_softmax(z, m, log2_s, k)
             g = tl.exp2(d2) * (a + b2 * d2)
             g = tl.where(cols == label, g + inv_t * g_lp, g)
             tl.store(out_ptr + cols, g.to(out_ty), mask=cols < V)

@@ -1,0 +1,334 @@
+"""``spear compare``: methods against each other on one task, over seeds, from one shared cold-start SFT model.
+
+    spear compare                                   # the built-in task, 5 methods x 5 seeds, two runs at a time
+    spear compare --task tiny_math --methods grpo spear --seeds 0 1 2 --steps 30
+    spear compare --quick                           # 2 seeds, few steps: a smoke check
+
+Each (method, seed) is a ``spear train`` run of the presets ``[method_<method>, <task>]`` in
+``<output>/<method>_seed<seed>``, started from ``<output>/sft``. Runs go in subprocesses (``--jobs`` at a time, one
+torch thread each); an interrupted compare resumes: finished runs are read back, unfinished ones resume from their
+last checkpoint, and the SFT model is reused while its config is unchanged. Outputs: ``results.json`` (every run's
+curves and summary, every method's means with 95% bootstrap intervals over seeds), ``results.md`` and
+``curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+from ..config import ConfigError, SpearConfig, UserError, available_presets, load_config, to_dict
+
+METHODS = {
+    "grpo": "GRPO",
+    "drbot": "GRPO + Dr.BoT",
+    "spear": "GRPO + SPEAR",
+    "spear_replay_only": "SPEAR: replay only",
+    "spear_toolreward_only": "SPEAR: tool reward only",
+}
+DEFAULT_TASK = "tiny_math_hard"
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+# the per-run summary: key -> (label, unit scale for the table)
+SUMMARY = {
+    "auc": ("success AUC (%)", 100.0),
+    "final": ("final success (%)", 100.0),
+    "steps_to_threshold": ("steps to threshold", 1.0),
+    "tool_turns": ("tool calls / episode", 1.0),
+    "replay_events": ("replay events", 1.0),
+    "replay_share": ("replay share of update rows (%)", 100.0),
+    "signal_groups": ("groups with a signal (%)", 100.0),
+}
+
+
+# ---- one run --------------------------------------------------------------------------------------
+
+
+def run_config(task: str, method: str, overrides: Sequence[str], extra: Sequence[str]) -> SpearConfig:
+    """The config of one run: ``method_<method>``, then the task preset (a task may size the method's replay buffer
+    for its batch), then the user's overrides, then ``extra``."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    return load_config(preset=[f"method_{method}", task], overrides=[*overrides, *extra])
+
+
+def summarize_run(records: Sequence[dict], total_steps: int, threshold: float) -> dict:
+    """A run's evaluation curve and summary from its ``metrics.jsonl`` records.
+
+    ``auc``: the area under the evaluation success curve over ``[0, total_steps]`` (trapezoids between evaluations)
+    divided by ``total_steps``: the mean success over training. ``steps_to_threshold``: the first evaluated step with
+    success >= ``threshold`` (``total_steps`` when never reached: censored, and ``reached`` says so).
+    ``replay_share``: replayed rows / (replayed + on-policy rows) over the run. ``signal_groups``: the mean share of
+    groups whose scores differ (the groups that give GRPO a non-zero advantage).
+    """
+    evals = [(int(r["step"]), float(r["val/success"])) for r in records if "val/success" in r]
+    if not evals or evals[0][0] != 0 or evals[-1][0] != total_steps:
+        raise UserError(
+            f"the run needs evaluations at step 0 and at step {total_steps}; it has steps {[s for s, _ in evals]}"
+        )
+    area = sum((s1 - s0) * (v0 + v1) / 2 for (s0, v0), (s1, v1) in zip(evals, evals[1:], strict=False))
+    reached = [s for s, v in evals if v >= threshold]
+    train = [r for r in records if "train/success" in r]
+    replayed = sum(float(r.get("replay/batch_size", 0.0)) for r in train)
+    on_policy = sum(float(r.get("rollout_filter/rows_kept", 0.0)) for r in train)
+    tool = [(int(r["step"]), float(r["val/tool_turns"])) for r in records if "val/tool_turns" in r]
+    return {
+        "curve": {"step": [s for s, _ in evals], "success": [v for _, v in evals]},
+        "tool_curve": {"step": [s for s, _ in tool], "tool_turns": [v for _, v in tool]},
+        "train_success": [float(r["train/success"]) for r in train],
+        "replay_steps": [int(r["step"]) for r in train if "replay/batch_size" in r],
+        "auc": area / total_steps,
+        "final": evals[-1][1],
+        "steps_to_threshold": float(reached[0]) if reached else float(total_steps),
+        "reached": bool(reached),
+        "tool_turns": tool[-1][1] if tool else 0.0,
+        "replay_events": float(train[-1].get("replay/events", 0.0)) if train else 0.0,
+        "replay_share": replayed / (replayed + on_policy) if replayed + on_policy else 0.0,
+        "signal_groups": _mean([float(r["advantage/signal_groups"]) for r in train if "advantage/signal_groups" in r]),
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+# ---- statistics -----------------------------------------------------------------------------------
+
+
+def bootstrap_ci(values: Sequence[float], *, resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean over seeds and its 95% percentile-bootstrap interval (seeds resampled with
+    replacement). One value gives a zero-width interval."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    means = x[np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def aggregate(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict]]:
+    """Per method and summary key: mean, 95% bootstrap interval, and the per-seed values."""
+    out: dict[str, dict[str, dict]] = {}
+    for method, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        out[method] = {}
+        for key in SUMMARY:
+            values = [by_seed[s][key] for s in seeds]
+            mean, low, high = bootstrap_ci(values)
+            out[method][key] = {"mean": mean, "low": low, "high": high, "values": values}
+        out[method]["reached"] = {"count": sum(by_seed[s]["reached"] for s in seeds), "of": len(seeds)}
+    return out
+
+
+def markdown_table(summary: dict[str, dict[str, dict]], sft_success: float) -> str:
+    """Mean [95% interval] per method and summary key."""
+    keys = list(SUMMARY)
+    lines = [
+        "| method | " + " | ".join(SUMMARY[k][0] for k in keys) + " |",
+        "|" + " --- |" * (len(keys) + 1),
+    ]
+    for method, stats in summary.items():
+        cells = []
+        for k in keys:
+            scale = SUMMARY[k][1]
+            s = stats[k]
+            cell = f"{s['mean'] * scale:.1f} [{s['low'] * scale:.1f}, {s['high'] * scale:.1f}]"
+            if k == "steps_to_threshold":
+                cell += f" ({stats['reached']['count']}/{stats['reached']['of']} reached)"
+            cells.append(cell)
+        lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+    lines.append(f"| SFT start | {100 * sft_success:.1f} | {100 * sft_success:.1f} |" + " |" * (len(keys) - 2))
+    return "\n".join(lines)
+
+
+def plot_compare(runs: dict[str, dict[int, dict]], out: Path, title: str) -> Path:
+    """Mean evaluation success and tool calls per episode against the step, with 95% bootstrap bands over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    for method, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        for ax, curve, key in ((axes[0], "curve", "success"), (axes[1], "tool_curve", "tool_turns")):
+            steps = by_seed[seeds[0]][curve]["step"]
+            if not steps or any(by_seed[s][curve]["step"] != steps for s in seeds):
+                continue
+            stats = [bootstrap_ci([by_seed[s][curve][key][i] for s in seeds]) for i in range(len(steps))]
+            (line,) = ax.plot(steps, [m for m, _, _ in stats], marker="o", markersize=3, label=METHODS[method])
+            ax.fill_between(
+                steps, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], alpha=0.2, color=line.get_color()
+            )
+        train = [by_seed[s]["train_success"] for s in seeds]
+        width = min(len(t) for t in train)
+        if width:
+            mean = [sum(t[i] for t in train) / len(train) for i in range(width)]
+            smooth = [sum(mean[max(0, i - 4) : i + 1]) / len(mean[max(0, i - 4) : i + 1]) for i in range(width)]
+            axes[2].plot(range(1, width + 1), smooth, label=METHODS[method])
+    for ax, name in zip(
+        axes,
+        (
+            "evaluation success",
+            "tool calls per episode (evaluation)",
+            "training success (mean over seeds, 5-step average)",
+        ),
+        strict=True,
+    ):
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+# ---- the experiment -------------------------------------------------------------------------------
+
+
+def _train(cfg_path: Path, run_dir: Path, resume: bool) -> None:
+    cmd = [sys.executable, "-m", "spear.cli", "train", "--config", str(cfg_path), "--quiet"]
+    if resume:
+        cmd += ["--resume", "--allow-changes"]  # e.g. more --steps; a changed method or task is still refused
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(run_dir / "train.log", "a") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        raise RuntimeError(f"the run in {run_dir} failed (exit {code}); see {run_dir / 'train.log'}")
+
+
+def run_compare(
+    *,
+    task: str = DEFAULT_TASK,
+    methods: Sequence[str] = tuple(METHODS),
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    steps: int = 0,
+    output: str | Path | None = None,
+    jobs: int = 2,
+    threshold: float = 0.5,
+    overrides: Sequence[str] = (),
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
+) -> dict:
+    """Runs (or resumes) the comparison and writes ``results.json``, ``results.md`` and ``curves.png`` in ``output``;
+    returns the results."""
+    from .checkpoint import latest_checkpoint
+    from .evaluation import evaluate
+    from .metrics import read_metrics
+    from .models import default_model_path, load_policy
+    from .sft import run_sft, sft_is_current
+
+    if task not in available_presets():
+        raise ConfigError(f"unknown task preset {task!r}; available: {', '.join(available_presets())}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"unknown methods {unknown}; available: {', '.join(METHODS)}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds must be distinct and non-empty, got {list(seeds)}")
+    if jobs < 1 or steps < 0 or not 0 < threshold <= 1:
+        raise ConfigError("--jobs must be >= 1, --steps >= 0 and --threshold in (0, 1]")
+    out = Path(output or f"runs/compare_{task}")
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_config(preset=task, overrides=overrides)
+    sft_dir = out / "sft"
+    base_model = base.actor_rollout_ref.model.path or default_model_path(base.env.name)
+    if not sft_is_current(base, base_model, sft_dir):
+        log(f"== cold-start SFT of {base_model} -> {sft_dir}")
+        run_sft(base, sft_dir, model_path=base_model, progress=False)
+    model, tokenizer = load_policy(sft_dir)
+    sft_eval = evaluate(model, tokenizer, base)
+    del model
+    log(f"== SFT start: success {sft_eval['val/success']:.3f}, tool calls/episode {sft_eval['val/tool_turns']:.2f}")
+
+    plans = []
+    for method in methods:
+        for seed in seeds:
+            run_dir = out / f"{method}_seed{seed}"
+            extra = [
+                f"actor_rollout_ref.model.path={sft_dir.resolve()}",
+                "trainer.cold_start_sft=false",
+                "trainer.val_before_train=true",
+                f"trainer.seed={seed}",
+                f"trainer.default_local_dir={run_dir.resolve()}",
+                "trainer.num_threads=1",
+                "trainer.logger=[console]",
+            ]
+            if steps:
+                extra.append(f"trainer.total_training_steps={steps}")
+            cfg = run_config(task, method, overrides, extra)
+            plans.append((method, seed, run_dir, cfg))
+    total = {m: cfg.trainer.total_training_steps for m, _, _, cfg in plans}
+
+    def launch(plan) -> None:
+        method, seed, run_dir, cfg = plan
+        latest = latest_checkpoint(run_dir)
+        if latest is not None and latest.name == f"step_{cfg.trainer.total_training_steps:06d}":
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path = run_dir / "compare_config.yaml"
+        cfg_path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        t0 = time.perf_counter()
+        log(f"== {METHODS[method]}, seed {seed}: {'resuming' if latest else 'starting'} -> {run_dir}")
+        _train(cfg_path, run_dir, resume=latest is not None)
+        log(f"== {METHODS[method]}, seed {seed}: done in {time.perf_counter() - t0:.0f} s")
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(launch, plan) for plan in plans]:
+            future.result()
+
+    runs: dict[str, dict[int, dict]] = {m: {} for m in methods}
+    for method, seed, run_dir, cfg in plans:
+        runs[method][seed] = summarize_run(read_metrics(run_dir), cfg.trainer.total_training_steps, threshold)
+    summary = aggregate(runs)
+    results = {
+        "task": task,
+        "methods": list(methods),
+        "seeds": list(seeds),
+        "total_steps": total,
+        "threshold": threshold,
+        "overrides": list(overrides),
+        "sft": sft_eval,
+        "summary": summary,
+        "runs": {m: {str(s): r for s, r in by_seed.items()} for m, by_seed in runs.items()},
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    steps_text = ", ".join(sorted({str(v) for v in total.values()}))
+    table = markdown_table(summary, sft_eval["val/success"])
+    (out / "results.md").write_text(
+        f"`{task}`: {len(seeds)} seeds ({', '.join(map(str, seeds))}), {steps_text} steps, evaluation on "
+        f"{base.env.num_eval_tasks} held-out tasks; mean [95% bootstrap interval over seeds]; threshold "
+        f"{threshold:g}.\n\n{table}\n"
+    )
+    plot_compare(runs, out / "curves.png", f"{task}: mean over {len(seeds)} seeds, 95% bootstrap bands")
+    results["table"] = table
+    return results
+
+
+def non_overlapping(summary: dict, better: str, worse: str, key: str = "auc") -> bool:
+    """True when ``better``'s 95% interval on ``key`` lies entirely above ``worse``'s."""
+    return summary[better][key]["low"] > summary[worse][key]["high"]
+
+
+__all__ = [
+    "DEFAULT_SEEDS",
+    "DEFAULT_TASK",
+    "METHODS",
+    "aggregate",
+    "bootstrap_ci",
+    "markdown_table",
+    "non_overlapping",
+    "run_compare",
+    "run_config",
+    "summarize_run",
+]

@@ -1,0 +1,44 @@
+"""Evaluation on the held-out tasks, and the episode summaries logged every step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..config import SpearConfig
+from .rollout import Episode, make_envs, run_rollout
+
+
+def summarize(episodes: Sequence[Episode], prefix: str) -> dict[str, float]:
+    n = max(len(episodes), 1)
+    return {
+        f"{prefix}/success": sum(ep.won for ep in episodes) / n,
+        f"{prefix}/reward": sum(ep.reward for ep in episodes) / n,
+        f"{prefix}/tool_turns": sum(ep.tool_turns for ep in episodes) / n,
+        f"{prefix}/turns": sum(len(ep.turn_spans) for ep in episodes) / n,
+        f"{prefix}/response_tokens": sum(sum(ep.response_mask) for ep in episodes) / n,
+    }
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, cfg: SpearConfig, envs=None, *, batch_size: int = 64) -> dict[str, float]:
+    """Success rate and friends on the held-out seeds ``[env.eval_seed, env.eval_seed + env.num_eval_tasks)``,
+    decoding at ``rollout.val_temperature`` (0: greedy) with a fixed sampler seed."""
+    seeds = list(range(cfg.env.eval_seed, cfg.env.eval_seed + cfg.env.num_eval_tasks))
+    envs = envs if envs is not None else make_envs(cfg, min(batch_size, len(seeds)))
+    generator = torch.Generator().manual_seed(cfg.trainer.seed + 7919)
+    episodes: list[Episode] = []
+    for start in range(0, len(seeds), len(envs)):
+        chunk = seeds[start : start + len(envs)]
+        episodes += run_rollout(
+            model,
+            tokenizer,
+            cfg,
+            envs,
+            chunk,
+            temperature=cfg.actor_rollout_ref.rollout.val_temperature,
+            top_p=1.0,
+            generator=generator,
+        )
+    return summarize(episodes, "val")

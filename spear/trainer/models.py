@@ -1,0 +1,156 @@
+"""The policy: any local Hugging Face causal LM, and the built-in tiny Qwen2 model with a locally built tokenizer.
+
+Nothing is downloaded. ``build_tiny_model(env)`` trains a byte-level BPE tokenizer (digits split one per
+token, the environments' tags as single tokens) on expert transcripts of that environment, builds a small
+Qwen2-architecture model from a config with random weights, and saves both in HF format, so
+``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load them like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, UserError
+from ..envs import expert_transcripts
+from ..envs.base import cache_dir
+
+PAD, EOS = "<|pad|>", "<|endoftext|>"
+TAGS = ("<tool>", "</tool>", "<obs>", "</obs>", "<answer>", "</answer>", "<action>", "</action>")
+TINY_MODEL_VERSION = 2  # 2: the tokenizer has a chat template (verl's data pipeline needs one)
+_TINY = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=384)
+DEFAULT_SIZES: dict[str, dict[str, int]] = {  # the model, the BPE vocabulary and the context of each environment
+    "math": {**_TINY, "vocab_size": 320, "max_position_embeddings": 512},
+    "textworld": {**_TINY, "vocab_size": 1536, "max_position_embeddings": 2048},
+}
+
+CORPUS_EPISODES = {"math": 2000, "textworld": 32}
+# The environments' transcripts are plain text: a "chat" is its messages' contents, concatenated.
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+class ModelLoadError(UserError):
+    """The model path does not hold a loadable Hugging Face causal LM and tokenizer."""
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer (``PreTrainedTokenizerFast``) trained on ``corpus``; digits are single tokens
+    and the environment tags are single tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in TAGS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, padding_side="left")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    env_name: str = "math",
+    *,
+    env_kwargs: dict | None = None,
+    corpus_episodes: int | None = None,
+    seed: int = 0,
+    **sizes: int,
+) -> Path:
+    """Builds and saves the tokenizer and a randomly initialised tiny Qwen2 model; returns ``out_dir``."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if env_name not in DEFAULT_SIZES:
+        raise ConfigError(f"no tiny-model defaults for environment {env_name!r}; known: {', '.join(DEFAULT_SIZES)}")
+    cfg = {**DEFAULT_SIZES[env_name], **sizes}
+    # math: fresh seeds far from the training/eval ranges (the tokenizer only learns the format); textworld:
+    # the first training games (generating a game takes seconds, and those are generated for training anyway).
+    n = corpus_episodes or CORPUS_EPISODES[env_name]
+    first = 10**8 if env_name == "math" else 0
+    episodes = expert_transcripts(env_name, range(first, first + n), env_kwargs)
+    tokenizer = build_tokenizer(("".join(text for text, _ in ep) for ep in episodes), cfg.pop("vocab_size"))
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **cfg,
+    )
+    model = Qwen2ForCausalLM(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "spear_model.json").write_text(
+        json.dumps({"kind": "tiny-qwen2", "version": TINY_MODEL_VERSION, "env": env_name, "seed": seed}, indent=1)
+    )
+    return out
+
+
+def default_model_path(env_name: str) -> Path:
+    """The built-in tiny model for ``env_name`` (built into the cache on first use)."""
+    path = cache_dir() / "models" / f"tiny-qwen2-{env_name}-v{TINY_MODEL_VERSION}"
+    if not (path / "spear_model.json").is_file():
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        build_tiny_model(tmp, env_name)
+        if not (path / "spear_model.json").is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+    return path
+
+
+def load_policy(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a local HF directory; :class:`ModelLoadError` says what is wrong."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelLoadError(f"model path {str(p)!r} is not a directory (a local Hugging Face model directory)")
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"model path {str(p)!r} has no config.json: not a Hugging Face model directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"cannot load a tokenizer from {str(p)!r}: {err}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"cannot load a causal LM from {str(p)!r}: {err}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise ModelLoadError(f"the model in {str(p)!r} has no output embedding (lm_head)")
+    # a tokenizer missing its vocabulary file still loads (as specials only) and then encodes text to nothing
+    if not tokenizer("0 1 <").input_ids:
+        raise ModelLoadError(
+            f"the tokenizer in {str(p)!r} encodes text to no tokens (is tokenizer.json or the vocabulary missing?)"
+        )
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ModelLoadError(f"the tokenizer in {str(p)!r} has {len(tokenizer)} tokens but the model's lm_head {vocab}")
+    return model, tokenizer
+
+
+def set_threads(cfg) -> None:
+    """``trainer.num_threads`` (0: torch's default) for this process's intra-op pool."""
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)

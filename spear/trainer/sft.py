@@ -1,0 +1,163 @@
+"""Cold-start SFT: next-token cross-entropy on the expert's assistant tokens, and when a saved SFT is reusable."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, SpearConfig, to_dict
+from ..envs import expert_transcripts
+from .checkpoint import remove_orphaned_temporaries
+from .forward import response_logprobs
+from .models import default_model_path, load_policy, set_threads
+from .rollout import Episode, collate, env_kwargs
+
+
+def expert_episodes(cfg: SpearConfig, tokenizer, count: int) -> list[Episode]:
+    """Expert trajectories on training seeds, tokenised piece by piece like rollouts (assistant turns masked in)."""
+    k = cfg.env.num_train_tasks
+    seeds = [i % k for i in range(count)] if k else list(range(count))
+    unique = sorted(set(seeds))
+    by_seed = dict(zip(unique, expert_transcripts(cfg.env.name, unique, env_kwargs(cfg)), strict=True))
+    tokenized = {}
+    for seed, pieces in by_seed.items():  # once per distinct task; repeated seeds share the episode
+        ep = Episode(seed=seed, uid=seed, prompt_ids=tokenizer.encode(pieces[0][0], add_special_tokens=False))
+        for text, is_assistant in pieces[1:]:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            ep.response_ids += ids
+            ep.response_mask += [int(is_assistant)] * len(ids)
+        too_long = len(ep.response_ids) > cfg.actor_rollout_ref.rollout.response_length
+        if len(ep.prompt_ids) > cfg.data.max_prompt_length or too_long:
+            raise ConfigError(
+                f"expert episode of seed {seed} does not fit data.max_prompt_length / rollout.response_length "
+                f"({len(ep.prompt_ids)} / {len(ep.response_ids)} tokens)"
+            )
+        tokenized[seed] = ep
+    return [tokenized[seed] for seed in seeds]
+
+
+def run_sft(
+    cfg: SpearConfig, output_dir: str | Path, *, model_path: str | Path | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Cold-start SFT: next-token cross-entropy on the expert's assistant tokens; saves the model to ``output_dir``.
+    With ``sft.direct_steps``, a second stage on transcripts where the expert answers at once (no tool call).
+
+    Returns ``{"loss_first", "loss_last", "steps", "output", ...}`` and writes them to ``output_dir/spear_sft.json``.
+    """
+    s = cfg.sft
+    set_threads(cfg)
+    path = model_path or cfg.actor_rollout_ref.model.path or default_model_path(cfg.env.name)
+    model, tokenizer = load_policy(path)
+    model.train()
+    episodes = expert_episodes(cfg, tokenizer, s.num_examples)
+    r = cfg.actor_rollout_ref.rollout
+    data = collate(
+        episodes,
+        pad_id=tokenizer.pad_token_id,
+        max_prompt_length=cfg.data.max_prompt_length,
+        response_length=r.response_length,
+    )
+    generator = torch.Generator().manual_seed(cfg.trainer.seed)
+    torch.manual_seed(cfg.trainer.seed)
+    losses = _sft_loop(model, data, s.steps, s.lr, cfg, generator, desc="sft", progress=progress)
+    direct_losses = []
+    if s.direct_steps:
+        # the second stage: the expert answers every task at once, without the tool
+        direct_cfg = copy.deepcopy(cfg)
+        direct_cfg.env.kwargs = {**direct_cfg.env.kwargs, "expert_direct_prob": 1.0}
+        direct = collate(
+            expert_episodes(direct_cfg, tokenizer, s.num_examples),
+            pad_id=tokenizer.pad_token_id,
+            max_prompt_length=cfg.data.max_prompt_length,
+            response_length=r.response_length,
+        )
+        direct_losses = _sft_loop(
+            model, direct, s.direct_steps, s.direct_lr, cfg, generator, desc="sft (direct answers)", progress=progress
+        )
+    out = Path(output_dir)
+    remove_orphaned_temporaries(out.parent, f"{out.name}.tmp*")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    summary = {
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "steps": s.steps,
+        "direct_steps": s.direct_steps,
+        "direct_loss_last": direct_losses[-1] if direct_losses else None,
+        "examples": len(episodes),
+        "base_model": str(path),
+        "output": str(out),
+        "key": _sft_key(cfg, path),
+    }
+    (tmp / "spear_sft.json").write_text(json.dumps(summary, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return summary
+
+
+def _sft_loop(model, data: dict, steps: int, lr: float, cfg: SpearConfig, generator, *, desc: str, progress: bool):
+    """``steps`` AdamW steps of next-token cross-entropy on the assistant tokens of ``data`` (shuffled batches,
+    linear warm-up over 5% of the steps then cosine decay to 0); returns the losses."""
+    from tqdm.auto import tqdm
+
+    s = cfg.sft
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=s.weight_decay)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
+    )
+    n = data["responses"].shape[0]
+    losses = []
+    order = torch.randperm(n, generator=generator)
+    cursor = 0
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        if cursor + s.batch_size > len(order):
+            order, cursor = torch.randperm(n, generator=generator), 0
+        idx = order[cursor : cursor + s.batch_size]
+        cursor += s.batch_size
+        batch = {k: v[idx] for k, v in data.items()}
+        logp, _ = response_logprobs(model, batch, temperature=1.0, return_entropy=False)
+        mask = batch["response_mask"]
+        loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.actor_rollout_ref.actor.optim.grad_clip)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return losses
+
+
+def _sft_key(cfg: SpearConfig, base_model) -> dict:
+    """What a cold-start SFT model depends on: reused only when all of it matches."""
+    d = to_dict(cfg)
+    return {
+        "base_model": str(base_model),
+        "sft": d["sft"],
+        "env": d["env"],
+        "data": d["data"],
+        "max_turns": cfg.actor_rollout_ref.rollout.max_turns,
+        "response_length": cfg.actor_rollout_ref.rollout.response_length,
+        "seed": cfg.trainer.seed,
+    }
+
+
+def sft_is_current(cfg: SpearConfig, base_model, sft_dir: str | Path) -> bool:
+    """Whether ``sft_dir`` holds the SFT of ``base_model`` with exactly these settings (so it can be reused)."""
+    try:
+        saved = json.loads((Path(sft_dir) / "spear_sft.json").read_text()).get("key")
+    except (OSError, ValueError):
+        return False
+    return saved == _sft_key(cfg, base_model)
