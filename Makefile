@@ -12,7 +12,7 @@ BENCH_JSON ?= bench/results/latest.json
 RUN_PRESET ?= tiny_math_spear
 RUN_DIR ?= runs/$(RUN_PRESET)
 
-.PHONY: setup setup-train run bench bench-quick report test lint aot sanitize clean
+.PHONY: setup setup-train setup-vllm run bench bench-rollout report test lint aot sanitize clean
 
 # One venv; a stamp per extras set (`train` for the main job, `dev` for the tests, benchmarks and verl).
 setup: $(VENV)/.spear-dev
@@ -26,6 +26,16 @@ $(VENV)/.spear-%: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp c
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[$*]'
 	@touch $@
 
+# The vllm extra beside the dev one (the vllm rollout engine and its tests). Its packages come from pyproject.toml;
+# the torchvision / torchaudio / torchcodec wheels vLLM pulls in are built for CUDA or another torch and stop vllm.LLM
+# from starting on a CPU, so they are removed (nothing here uses them).
+setup-vllm: $(VENV)/.spear-vllm
+$(VENV)/.spear-vllm: $(VENV)/.spear-dev
+	$(BIN)/python -m pip install --quiet $$($(BIN)/python -c "import tomllib; \
+		print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['vllm']))")
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@touch $@
+
 # The main job: cold-start SFT of the tiny model, then SPEAR RL with evaluations, then the plot.
 run: setup-train
 	$(BIN)/spear train --preset $(RUN_PRESET) trainer.default_local_dir=$(RUN_DIR)
@@ -35,11 +45,15 @@ bench: setup
 	$(BIN)/python -m pytest bench -q -p no:cacheprovider --benchmark-json=$(BENCH_JSON)
 	$(BIN)/python -m bench.report $(BENCH_JSON)
 
+# Rollout tokens/s of the hf and vllm engines on the tiny, ~50M and ~500M configs (about 10 minutes).
+bench-rollout: setup-vllm
+	$(BIN)/python -m bench.rollout_engines --json bench/results/rollout_engines.json
+
 report: setup
 	$(BIN)/python -m bench.report $(BENCH_JSON)
 
 # The tests, plus every benchmark suite once on tiny shapes (so the suites cannot rot).
-test: setup
+test: setup setup-vllm
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests bench --quick --benchmark-disable -q -p no:cacheprovider
 

@@ -65,27 +65,36 @@ def cmd_train(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    from .trainer import evaluate, run_sft
+    from .trainer import run_sft
 
     cfg = _load(args)
     out = Path(args.output or Path(cfg.trainer.default_local_dir) / "sft")
     summary = run_sft(cfg, out, model_path=args.model, progress=not args.quiet)
     if not args.no_eval:
-        from .trainer import load_policy
-
-        model, tokenizer = load_policy(out)
-        summary.update(evaluate(model, tokenizer, cfg))
+        summary.update(_evaluate(cfg, out))
     print(json.dumps(summary, indent=1))
     return 0
 
 
+def _evaluate(cfg, path) -> dict:
+    """The held-out evaluation of the model in ``path`` on the rollout engine ``rollout.name`` names."""
+    from .trainer import evaluate, load_policy
+    from .trainer.engines import make_engine
+
+    model, tokenizer = load_policy(path)
+    engine = make_engine(cfg, model, tokenizer, path)
+    try:
+        return evaluate(engine, tokenizer, cfg)
+    finally:
+        engine.close()
+
+
 def cmd_eval(args) -> int:
-    from .trainer import default_model_path, evaluate, load_policy
+    from .trainer import default_model_path
 
     cfg = _load(args)
     path = args.model or cfg.actor_rollout_ref.model.path or default_model_path(cfg.env.name)
-    model, tokenizer = load_policy(path)
-    print(json.dumps({"model": str(path), **evaluate(model, tokenizer, cfg)}, indent=1))
+    print(json.dumps({"model": str(path), **_evaluate(cfg, path)}, indent=1))
     return 0
 
 

@@ -118,6 +118,8 @@ class RolloutConfig:
     # slim trainer (``spear train``)
     max_turn_tokens: int = 64  # token budget of one assistant turn
     val_temperature: float = 0.0  # 0 = greedy evaluation
+    name: str = "hf"  # the rollout engine: hf (transformers, on the trainer's model) | vllm (the vllm extra)
+    kv_cache_gib: float = 1.0  # vllm: memory for its KV cache
 
 
 @dataclass
@@ -212,6 +214,8 @@ class SpearConfig:
 
 
 # ---- validation ---------------------------------------------------------------------------------
+
+ROLLOUT_ENGINES = ("hf", "vllm")  # actor_rollout_ref.rollout.name (spear.trainer.engines)
 
 # Sizes are bounded before anything is allocated or written: a typo such as rollout.n=1e9 is a one-line
 # error, not a MemoryError after the run directory was made.
@@ -308,6 +312,8 @@ def validate(cfg: SpearConfig) -> SpearConfig:
     _check_choice("algorithm.use_toolcall_reward", alg.use_toolcall_reward, TOOLCALL_REWARD_MODES)
     _check_range(q + "max_turn_tokens", r.max_turn_tokens, 1, MAX_TOKENS)
     _check_range(q + "val_temperature", r.val_temperature, 0)
+    _check_choice(q + "name", r.name, ROLLOUT_ENGINES)
+    _check_range(q + "kv_cache_gib", r.kv_cache_gib, 0, 1024, lo_open=True)
     path = cfg.actor_rollout_ref.model.path
     if path is not None and (not isinstance(path, str) or not path.strip()):
         raise ConfigError(f"actor_rollout_ref.model.path = {path!r} is not allowed; expected a directory or null")

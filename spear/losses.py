@@ -128,7 +128,7 @@ def compute_policy_loss(
         backend=backend,
     )
     loss = agg_loss(loss_mat, response_mask, actor.loss_agg_mode, **(global_batch_info or {}))
-    return loss, {f"{k}{suffix}": float(v) for k, v in stats.items()}
+    return loss, {f"{k}{suffix}": float(v.detach()) for k, v in stats.items()}
 
 
 def actor_loss(

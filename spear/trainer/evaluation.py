@@ -22,9 +22,10 @@ def summarize(episodes: Sequence[Episode], prefix: str) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, cfg: SpearConfig, envs=None, *, batch_size: int = 64) -> dict[str, float]:
+def evaluate(engine, tokenizer, cfg: SpearConfig, envs=None, *, batch_size: int = 64) -> dict[str, float]:
     """Success rate and friends on the held-out seeds ``[env.eval_seed, env.eval_seed + env.num_eval_tasks)``,
-    decoding at ``rollout.val_temperature`` (0: greedy) with a fixed sampler seed."""
+    decoding at ``rollout.val_temperature`` (0: greedy) with a fixed sampler seed. ``engine``: a rollout engine or a
+    model (see :func:`spear.trainer.rollout.rollout`)."""
     seeds = list(range(cfg.env.eval_seed, cfg.env.eval_seed + cfg.env.num_eval_tasks))
     envs = envs if envs is not None else make_envs(cfg, min(batch_size, len(seeds)))
     generator = torch.Generator().manual_seed(cfg.trainer.seed + 7919)
@@ -32,7 +33,7 @@ def evaluate(model, tokenizer, cfg: SpearConfig, envs=None, *, batch_size: int =
     for start in range(0, len(seeds), len(envs)):
         chunk = seeds[start : start + len(envs)]
         episodes += run_rollout(
-            model,
+            engine,
             tokenizer,
             cfg,
             envs,

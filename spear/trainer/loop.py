@@ -38,6 +38,7 @@ from .checkpoint import (
     remove_orphaned_temporaries,
     write_checkpoint,
 )
+from .engines import make_engine, vllm_available
 from .evaluation import evaluate, summarize
 from .forward import logprobs_no_grad
 from .metrics import MetricsLogger, check_loggers
@@ -94,6 +95,10 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         set_threads(cfg)
         check_loggers(cfg.trainer.logger)
+        if cfg.actor_rollout_ref.rollout.name == "vllm" and not vllm_available():
+            raise ImportError(
+                "actor_rollout_ref.rollout.name=vllm needs vLLM: `make setup-vllm` (or pip install 'spear-core[vllm]')"
+            )
         seed = cfg.trainer.seed
         resume_from = None
         if resume:
@@ -142,6 +147,8 @@ class Trainer:
         self.eval_envs = make_envs(cfg, min(64, cfg.env.num_eval_tasks))
         if resume_from is not None:
             load_checkpoint_state(resume_from, self._apply_state)
+        self.engine = make_engine(cfg, self.model, self.tokenizer, model_path)
+        self._engine_step = self.step  # the engine starts from model_path's weights: this step's
         (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         self.logger = MetricsLogger(
             self.run_dir, cfg.trainer.logger, to_dict(cfg), resume_step=self.step if resume_from is not None else None
@@ -236,8 +243,9 @@ class Trainer:
         tasks = self.task_seeds(step)
         seeds = [s for s in tasks for _ in range(r.n)]
         uids = [f"{step}:{i}" for i in range(len(tasks)) for _ in range(r.n)]
+        sync_s = self._sync_engine()
         episodes = run_rollout(
-            self.model,
+            self.engine,
             self.tokenizer,
             cfg,
             self.envs,
@@ -283,6 +291,7 @@ class Trainer:
                 "time/rollout_s": t_rollout,
                 "time/update_s": t_end - t1,
                 "time/step_s": t_end - t0,
+                "perf/weight_sync_s": sync_s,
                 "perf/train_tokens_per_s": tokens / max(t_end - t1, 1e-9),
                 "perf/rollout_tokens_per_s": sum(len(ep.response_ids) for ep in episodes) / max(t_rollout, 1e-9),
             }
@@ -304,7 +313,7 @@ class Trainer:
         try:
             with DeferredInterrupt() as interrupt:
                 if self.step == 0 and t.val_before_train:
-                    self.last_eval = evaluate(self.model, self.tokenizer, self.cfg, self.eval_envs)
+                    self.last_eval = evaluate(self.engine, self.tokenizer, self.cfg, self.eval_envs)
                     self.logger.log(0, self.last_eval)
                     self._console(0, self.last_eval)
                 bar = tqdm(
@@ -318,7 +327,8 @@ class Trainer:
                     metrics = self.train_step()
                     last = self.step == t.total_training_steps
                     if last or (t.test_freq and self.step % t.test_freq == 0):
-                        self.last_eval = evaluate(self.model, self.tokenizer, self.cfg, self.eval_envs)
+                        self._sync_engine()
+                        self.last_eval = evaluate(self.engine, self.tokenizer, self.cfg, self.eval_envs)
                         metrics.update(self.last_eval)
                     self.logger.log(self.step, metrics)
                     if last or (t.save_freq and self.step % t.save_freq == 0) or interrupt.requested:
@@ -344,8 +354,21 @@ class Trainer:
                 )
             raise
         finally:
-            self.logger.close()
+            self.close()
         return self.last_eval
+
+    def close(self) -> None:
+        """Closes the metrics loggers and the rollout engine (``fit`` does this when it returns or stops)."""
+        self.logger.close()
+        self.engine.close()
+
+    def _sync_engine(self) -> float:
+        """Brings the rollout engine's weights to the model's (once per update); returns the seconds it took."""
+        if self._engine_step == self.step:
+            return 0.0
+        seconds = self.engine.sync_weights(self.model)
+        self._engine_step = self.step
+        return seconds
 
     def _console(self, step: int, metrics: dict) -> None:
         if "console" not in self.cfg.trainer.logger:

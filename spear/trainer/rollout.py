@@ -213,7 +213,7 @@ def finish_episode(ep: Episode, tokenizer) -> Episode:
 
 
 def rollout(
-    model,
+    engine,
     tokenizer,
     envs: Sequence[Any],
     seeds: Sequence[int],
@@ -230,6 +230,9 @@ def rollout(
 ) -> list[Episode]:
     """Runs one episode per (env, seed) to the end, in lockstep batches; returns the episodes.
 
+    ``engine`` writes the assistant's turns: a rollout engine (:mod:`spear.trainer.engines`) or a model (decoded with
+    ``transformers``, :class:`~spear.trainer.engines.HFEngine`).
+
     An episode ends when the environment says done, after ``max_turns`` assistant turns, or when the
     response (turns and observations) reaches ``response_length`` tokens (``truncated``; reward
     ``fail_reward``). A prompt longer than ``max_prompt_length`` tokens is an error. The per-episode steps
@@ -237,10 +240,8 @@ def rollout(
     """
     if len(envs) != len(seeds):
         raise ValueError("one seed per environment is needed")
-    was_training = model.training
-    model.eval()
+    engine = as_engine(engine, tokenizer)
     uids = list(uids) if uids is not None else list(range(len(envs)))
-    pad_id = tokenizer.pad_token_id
     stop_ids, stop_texts = stop_tokens(tokenizer, envs[0].stop_strings)
     episodes = [
         start_episode(env, seed, uid, tokenizer, max_prompt_length)
@@ -253,14 +254,11 @@ def rollout(
         budgets = [
             turn_budget(episodes[i], max_turn_tokens=max_turn_tokens, response_length=response_length) for i in active
         ]
-        turns = generate_turn(
-            model,
+        turns = engine.generate(
             [episodes[i].prompt_ids + episodes[i].response_ids for i in active],
-            pad_id=pad_id,
             max_new_tokens=budgets,
             stop_ids=stop_ids,
             stop_texts=stop_texts,
-            tokenizer=tokenizer,
             temperature=temperature,
             top_p=top_p,
             generator=generator,
@@ -277,8 +275,16 @@ def rollout(
             )
     for ep in episodes:
         finish_episode(ep, tokenizer)
-    model.train(was_training)
     return episodes
+
+
+def as_engine(engine_or_model, tokenizer):
+    """A rollout engine as is; a model as the ``hf`` engine on it."""
+    if not isinstance(engine_or_model, torch.nn.Module):
+        return engine_or_model
+    from .engines import HFEngine
+
+    return HFEngine(engine_or_model, tokenizer)
 
 
 def collate(episodes: Sequence[Episode], *, pad_id: int, max_prompt_length: int, response_length: int) -> dict:
@@ -325,10 +331,10 @@ def make_envs(cfg: SpearConfig, count: int) -> list:
         raise ConfigError(f"env.kwargs {dict(cfg.env.kwargs)} do not fit environment {cfg.env.name!r}: {err}") from None
 
 
-def run_rollout(model, tokenizer, cfg: SpearConfig, envs, seeds, uids=None, *, temperature, top_p, generator):
+def run_rollout(engine, tokenizer, cfg: SpearConfig, envs, seeds, uids=None, *, temperature, top_p, generator):
     r = cfg.actor_rollout_ref.rollout
     return rollout(
-        model,
+        engine,
         tokenizer,
         envs[: len(seeds)],
         seeds,
