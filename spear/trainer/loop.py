@@ -79,6 +79,17 @@ class DeferredInterrupt:
         return False
 
 
+def rollout_agreement(rows: dict) -> dict[str, float]:
+    """How far the engine's log-probs of the sampled tokens are from the trainer's (``old_log_probs``: the same
+    weights and temperature). About 1e-6 when they agree; a stale or mis-synced engine shows here first (verl reports
+    the same as ``training/rollout_probs_diff_*``). With ``top_p < 1``, vLLM's log-probs are over the nucleus."""
+    mask = rows["response_mask"] > 0
+    if not bool(mask.any()):
+        return {}
+    diff = (rows["old_log_probs"] - rows["rollout_log_probs"]).abs()[mask]
+    return {"rollout/logprob_diff_mean": float(diff.mean()), "rollout/logprob_diff_max": float(diff.max())}
+
+
 class Trainer:
     """The SPEAR loop on one process. ``fit()`` runs ``trainer.total_training_steps`` steps.
 
@@ -273,6 +284,7 @@ class Trainer:
         t1 = time.perf_counter()
         rows = batch.tensors
         rows["old_log_probs"] = self._logprobs_no_grad(self.model, rows)
+        metrics.update(rollout_agreement(rows))
         if self.ref_model is not None:
             rows["ref_log_probs"] = self._logprobs_no_grad(self.ref_model, rows)
         # 6. on-policy update over the rows with a non-empty loss mask; 7. replay

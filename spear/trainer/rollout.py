@@ -32,6 +32,7 @@ class Episode:
     prompt_ids: list[int]
     response_ids: list[int] = field(default_factory=list)
     response_mask: list[int] = field(default_factory=list)
+    response_logprobs: list[float] = field(default_factory=list)  # the engine's, per response token (0: not sampled)
     turn_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each assistant turn
     turn_obs: list[str] = field(default_factory=list)  # the observation each turn acted on
     turn_rewards: list[float] = field(default_factory=list)
@@ -175,13 +176,16 @@ def apply_turn(
     response_length: int,
     max_turns: int,
     fail_reward: float = 0.0,
+    logprobs: Sequence[float] | None = None,
 ) -> None:
     """Appends one generated assistant turn to ``ep``, steps ``env`` with its text and appends the environment's
     reply (``response_mask = 0``); marks the episode done when the environment ends it, after ``max_turns``
-    turns, or when the reply does not fit in ``response_length`` (``truncated``, reward ``fail_reward``)."""
+    turns, or when the reply does not fit in ``response_length`` (``truncated``, reward ``fail_reward``).
+    ``logprobs``: the engine's log-probs of ``new`` (kept in ``response_logprobs``; the environment's tokens get 0)."""
     start = len(ep.response_ids)
     ep.response_ids += new
     ep.response_mask += [1] * len(new)
+    ep.response_logprobs += [float(x) for x in logprobs] if logprobs is not None else [0.0] * len(new)
     ep.turn_spans.append((start, start + len(new)))
     result = env.step(tokenizer.decode(new, skip_special_tokens=False))
     ep.turn_rewards.append(float(result.reward))
@@ -196,11 +200,13 @@ def apply_turn(
         # out of budget: the episode is cut here, without an outcome
         ep.response_ids += obs[:room]
         ep.response_mask += [0] * min(len(obs), room)
+        ep.response_logprobs += [0.0] * min(len(obs), room)
         ep.done, ep.truncated = True, len(obs) >= room
         ep.turn_rewards[-1] = fail_reward
         return
     ep.response_ids += obs
     ep.response_mask += [0] * len(obs)
+    ep.response_logprobs += [0.0] * len(obs)
     ep.turn_obs.append(result.observation)
 
 
@@ -254,6 +260,7 @@ def rollout(
         budgets = [
             turn_budget(episodes[i], max_turn_tokens=max_turn_tokens, response_length=response_length) for i in active
         ]
+        logprobs: list[list[float]] = []
         turns = engine.generate(
             [episodes[i].prompt_ids + episodes[i].response_ids for i in active],
             max_new_tokens=budgets,
@@ -262,8 +269,9 @@ def rollout(
             temperature=temperature,
             top_p=top_p,
             generator=generator,
+            logprobs=logprobs,
         )
-        for i, new in zip(active, turns, strict=True):
+        for i, new, lp in zip(active, turns, logprobs, strict=True):
             apply_turn(
                 episodes[i],
                 envs[i],
@@ -272,6 +280,7 @@ def rollout(
                 response_length=response_length,
                 max_turns=max_turns,
                 fail_reward=fail_reward,
+                logprobs=lp,
             )
     for ep in episodes:
         finish_episode(ep, tokenizer)
@@ -289,13 +298,15 @@ def as_engine(engine_or_model, tokenizer):
 
 def collate(episodes: Sequence[Episode], *, pad_id: int, max_prompt_length: int, response_length: int) -> dict:
     """Fixed-width tensors: prompts left-padded to ``max_prompt_length``, responses right-padded to
-    ``response_length`` (``prompts``, ``prompt_mask``, ``responses``, ``response_attn``, ``response_mask``)."""
+    ``response_length`` (``prompts``, ``prompt_mask``, ``responses``, ``response_attn``, ``response_mask``), and
+    ``rollout_log_probs``: the engine's log-probs of the sampled tokens (0 elsewhere, and for episodes without them)."""
     b = len(episodes)
     prompts = torch.full((b, max_prompt_length), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((b, max_prompt_length), dtype=torch.long)
     responses = torch.full((b, response_length), pad_id, dtype=torch.long)
     response_attn = torch.zeros((b, response_length), dtype=torch.long)
     response_mask = torch.zeros((b, response_length), dtype=torch.float32)
+    rollout_log_probs = torch.zeros((b, response_length), dtype=torch.float32)
     for i, ep in enumerate(episodes):
         p, r = len(ep.prompt_ids), len(ep.response_ids)
         if p > max_prompt_length or r > response_length:
@@ -308,12 +319,15 @@ def collate(episodes: Sequence[Episode], *, pad_id: int, max_prompt_length: int,
             responses[i, :r] = torch.tensor(ep.response_ids, dtype=torch.long)
             response_attn[i, :r] = 1
             response_mask[i, :r] = torch.tensor(ep.response_mask, dtype=torch.float32)
+            if len(ep.response_logprobs) == r:
+                rollout_log_probs[i, :r] = torch.tensor(ep.response_logprobs, dtype=torch.float32)
     return {
         "prompts": prompts,
         "prompt_mask": prompt_mask,
         "responses": responses,
         "response_attn": response_attn,
         "response_mask": response_mask,
+        "rollout_log_probs": rollout_log_probs,
     }
 
 

@@ -214,6 +214,8 @@ def test_two_step_smoke_training(sft_model, tmp_path):
         "perf/train_tokens_per_s",
     ):
         assert key in records[1], key
+    # the hf engine's log-probs of what it sampled are the trainer's (the same model, another code path)
+    assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in records[1:]), records[1:]
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
     ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
     state = torch.load(ckpt / STATE_FILE, weights_only=True)  # loads without unpickling code

@@ -128,6 +128,11 @@ def test_training_on_the_vllm_engine(sft_vllm_model, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0]["perf/weight_sync_s"] == 0.0  # the engine starts with the model's weights
     assert all(r["perf/weight_sync_s"] > 0 for r in records[1:])  # one sync after each update
+    # every step samples with the weights it trains: the engine's log-probs are the trainer's old log-probs (a step
+    # whose groups the std filter dropped entirely has no rows to compare)
+    compared = [r for r in records if "rollout/logprob_diff_max" in r]
+    assert any(r["step"] > 1 for r in compared), records
+    assert all(r["rollout/logprob_diff_max"] < 1e-3 for r in compared), compared
     assert 0 <= records[-1]["val/success"] <= 1 and records[-1]["train/response_tokens"] > 0
 
 
