@@ -15,11 +15,13 @@ environments do the rest, so ``response_mask`` and everything downstream are the
 ``generate(contexts, ...)`` continues every context by one turn: sampling at ``temperature`` (0: greedy) with
 nucleus ``top_p``, stopping at a token of ``stop_ids`` (kept), a text of ``stop_texts`` (kept) or after
 ``max_new_tokens[i]`` tokens. With ``logprobs=[]`` it also fills each row's sampled-token log-probs under
-``softmax(logits / T)`` (``T = 1`` when greedy), before top-p, as rollout engines report them.
+``softmax(logits / T)`` (``T = 1`` when greedy), as rollout engines report them: ``hf``'s before top-p, vLLM's after
+it (over the nucleus), so the two agree when ``top_p = 1``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Sequence
@@ -107,11 +109,8 @@ class HFEngine:
 
 
 def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except Exception:  # not installed, or installed against another torch
-        return False
-    return True
+    """Whether vLLM is installed (a broken install is not hidden: starting the engine then says what failed)."""
+    return importlib.util.find_spec("vllm") is not None
 
 
 class VLLMEngine:
