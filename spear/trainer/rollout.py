@@ -1,13 +1,15 @@
-"""Batched multi-turn rollouts with a KV cache.
+"""Batched multi-turn rollouts: the episode loop over any rollout engine (:mod:`spear.trainer.engines`), the ``hf``
+engine's decoding, and the collation of episodes into row tensors.
 
 A trajectory is one token sequence: the prompt (the environment's first observation), then the response,
 which interleaves the assistant's turns (generated, ``response_mask = 1``) with the environment's replies
 (tool results, game feedback: ``response_mask = 0``, never in the loss). Tokens are kept as generated
 (token in, token out), never re-tokenised from text.
 
-Each turn, the active episodes are left-padded into one batch, prefilled once, and decoded token by token
-from a KV cache (``transformers.DynamicCache``) with temperature and top-p until each row writes one of the
-environment's stop strings (its closing tags), an end-of-sequence token, or reaches the turn's token budget.
+Each turn, the engine continues the active episodes by one assistant turn, until each row writes one of the
+environment's stop strings (its closing tags), an end-of-sequence token, or reaches the turn's token budget. The
+``hf`` engine (:func:`generate_turn`) left-pads them into one batch, prefills once, and decodes token by token from a
+KV cache (``transformers.DynamicCache``) with temperature and top-p.
 """
 
 from __future__ import annotations
