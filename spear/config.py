@@ -33,7 +33,6 @@ LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-tok
 KL_LOSS_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 TOOLCALL_REWARD_MODES = ("none", "constant", "cosine")
 ADV_ESTIMATORS = ("grpo", "gigpo")
-ENV_NAMES = ENVS
 LOGGERS = ("console", "tensorboard", "wandb")
 
 
@@ -330,7 +329,7 @@ def validate(cfg: SpearConfig) -> SpearConfig:
             f"at most {MAX_EPISODES_PER_STEP}"
         )
     _check_range("data.max_prompt_length", cfg.data.max_prompt_length, 1, MAX_TOKENS)
-    _check_choice("env.name", cfg.env.name, ENV_NAMES)
+    _check_choice("env.name", cfg.env.name, ENVS)
     _check_range("env.num_train_tasks", cfg.env.num_train_tasks, 0, MAX_SEED)
     _check_range("env.num_eval_tasks", cfg.env.num_eval_tasks, 1, MAX_EXAMPLES)
     _check_range("env.eval_seed", cfg.env.eval_seed, 0, MAX_SEED)

@@ -26,7 +26,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -36,6 +36,8 @@ VLLM_WORKER_EXTENSION = "spear.trainer.vllm_worker.WeightSync"
 
 
 class RolloutEngine(Protocol):
+    """What :func:`spear.trainer.rollout.rollout` and the trainer call (:class:`HFEngine`, :class:`VLLMEngine`)."""
+
     name: str
 
     def generate(
@@ -243,7 +245,7 @@ class VLLMEngine:
         gc.collect()
 
 
-def make_engine(cfg: SpearConfig, model, tokenizer, model_path: str | Path) -> Any:
+def make_engine(cfg: SpearConfig, model, tokenizer, model_path: str | Path) -> RolloutEngine:
     """The engine ``actor_rollout_ref.rollout.name`` names, for ``model`` loaded from ``model_path``."""
     r = cfg.actor_rollout_ref.rollout
     if r.name == "hf":

@@ -62,19 +62,33 @@ def stop_tokens(tokenizer, stop_strings: Sequence[str]) -> tuple[set[int], tuple
 
 
 def sample_next(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One token per row of ``logits [B, V]``: argmax when ``temperature == 0``, else nucleus sampling."""
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    *,
+    return_logprob: bool = False,
+):
+    """One token per row of ``logits [B, V]``: argmax when ``temperature == 0``, else nucleus sampling. With
+    ``return_logprob``, also each token's log-prob under ``softmax(logits / T)`` (``T = 1`` when greedy, before
+    top-p), read off the sampling's own softmax: no second pass over the vocabulary."""
     if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+        tok = logits.argmax(-1)
+        if not return_logprob:
+            return tok
+        z = logits.float()
+        return tok, z.gather(-1, tok[:, None]).squeeze(-1) - z.logsumexp(-1)
+    probs = full = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if not return_logprob:
+        return tok
+    return tok, full.gather(-1, tok[:, None]).squeeze(-1).log()
 
 
 @torch.no_grad()
@@ -121,11 +135,12 @@ def generate_turn(
         if bool(finished.all()):
             break
         step_logits = out.logits[:, -1, :]
-        tok = sample_next(step_logits, temperature, top_p, generator)
-        tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
         if logprobs is not None:
-            scaled = step_logits.float() / (temperature if temperature > 0 else 1.0)
-            tok_lp = (scaled.gather(-1, tok[:, None]).squeeze(-1) - scaled.logsumexp(-1)).tolist()
+            tok, tok_lp = sample_next(step_logits, temperature, top_p, generator, return_logprob=True)
+            tok_lp = tok_lp.tolist()
+        else:
+            tok = sample_next(step_logits, temperature, top_p, generator)
+        tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
         for i in torch.nonzero(~finished).squeeze(1).tolist():
             t = int(tok[i])
             new[i].append(t)
