@@ -3,9 +3,12 @@ behind (a checkpoint, an SFT model, a built-in model, a generated game)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 # ``...tmp<pid>`` with an optional extension after the pid (a generated game's ``.z8`` / ``.json``)
@@ -42,3 +45,15 @@ def remove_orphaned_temporaries(directory: Path, pattern: str) -> int:
                 path.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing), waited for: one writer at a time across processes
+    (two runs of ``spear compare`` generating the same game)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

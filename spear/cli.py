@@ -140,6 +140,8 @@ def cmd_compare(args) -> int:
         print(results["paper_table"])
     else:
         print(results["table"])
+    if results["type_tables"]:
+        print(results["type_tables"])
     return 0
 
 

@@ -210,6 +210,10 @@ class EnvConfig:
     num_eval_tasks: int = 64
     eval_seed: int = 1_000_000  # evaluation uses seeds [eval_seed, eval_seed + num_eval_tasks)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # noqa: UP006 - passed to the environment's constructor
+    # a second evaluation on other games, logged as val_unseen/*: seeds [eval_seed, eval_seed + unseen_eval_tasks)
+    # of an environment built with unseen_kwargs over kwargs (alfworld: {split: valid_unseen}); 0: none
+    unseen_eval_tasks: int = 0
+    unseen_kwargs: Dict[str, Any] = field(default_factory=dict)  # noqa: UP006
 
 
 @dataclass
@@ -373,9 +377,13 @@ def validate(cfg: SpearConfig) -> SpearConfig:
     _check_range("env.num_train_tasks", cfg.env.num_train_tasks, 0, MAX_SEED)
     _check_range("env.num_eval_tasks", cfg.env.num_eval_tasks, 1, MAX_EXAMPLES)
     _check_range("env.eval_seed", cfg.env.eval_seed, 0, MAX_SEED)
-    if not isinstance(cfg.env.kwargs, dict):
-        raise ConfigError(f"env.kwargs = {cfg.env.kwargs!r} is not allowed; expected a mapping")
+    _check_range("env.unseen_eval_tasks", cfg.env.unseen_eval_tasks, 0, MAX_EXAMPLES)
+    for key in ("kwargs", "unseen_kwargs"):
+        if not isinstance(getattr(cfg.env, key), dict):
+            raise ConfigError(f"env.{key} = {getattr(cfg.env, key)!r} is not allowed; expected a mapping")
     _check_env_kwargs(cfg)
+    if cfg.env.unseen_eval_tasks or cfg.env.unseen_kwargs:
+        _check_env_kwargs(cfg, unseen=True)
     _check_range("sft.num_examples", cfg.sft.num_examples, 1, MAX_EXAMPLES)
     _check_range("sft.steps", cfg.sft.steps, 1, MAX_STEPS)
     _check_range("sft.batch_size", cfg.sft.batch_size, 1, MAX_EPISODES_PER_STEP)
@@ -441,14 +449,26 @@ def _loss_key(name: str, replay: bool) -> str:
     return f"actor_rollout_ref.actor.{name}"
 
 
-def _check_env_kwargs(cfg: SpearConfig) -> None:
-    """The environment accepts ``env.kwargs`` (with ``rollout.max_turns``): constructing one checks them (it reads
-    no data and starts no game)."""
-    kwargs = {"max_turns": cfg.actor_rollout_ref.rollout.max_turns, **cfg.env.kwargs}
+def env_kwargs(cfg: SpearConfig, *, unseen: bool = False) -> dict:
+    """The environment's constructor arguments: ``rollout.max_turns``, ``env.kwargs`` and, for the unseen
+    evaluation, ``env.unseen_kwargs`` over them."""
+    extra = dict(cfg.env.unseen_kwargs) if unseen else {}
+    return {"max_turns": cfg.actor_rollout_ref.rollout.max_turns, **dict(cfg.env.kwargs), **extra}
+
+
+def env_kwargs_error(cfg: SpearConfig, err: Exception, *, unseen: bool = False) -> ConfigError:
+    key = "env.kwargs + env.unseen_kwargs" if unseen else "env.kwargs"
+    given = {**cfg.env.kwargs, **cfg.env.unseen_kwargs} if unseen else dict(cfg.env.kwargs)
+    return ConfigError(f"{key} {given} do not fit environment {cfg.env.name!r}: {err}")
+
+
+def _check_env_kwargs(cfg: SpearConfig, *, unseen: bool = False) -> None:
+    """The environment accepts ``env.kwargs`` (with ``rollout.max_turns``; with ``unseen``, ``env.unseen_kwargs``
+    over them): constructing one checks them (it reads no data and starts no game)."""
     try:
-        env = make_env(cfg.env.name, **kwargs)
+        env = make_env(cfg.env.name, **env_kwargs(cfg, unseen=unseen))
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"env.kwargs {dict(cfg.env.kwargs)} do not fit environment {cfg.env.name!r}: {err}") from None
+        raise env_kwargs_error(cfg, err, unseen=unseen) from None
     close = getattr(env, "close", None)
     if close is not None:
         close()

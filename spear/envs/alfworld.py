@@ -21,6 +21,7 @@ memoised here (byte-identical output, a test checks). The engine is not thread-s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import glob
@@ -28,6 +29,7 @@ import os
 import random
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from .alfworld_games import SPLITS, TASK_TYPES, GameSpec, write_game
@@ -83,14 +85,22 @@ def open_game(game_file: str | Path, *, planner: bool = False):
     env = AlfredInfos(AlfredDemangler(PddlEnv(infos), shuffle=False))
     if planner:
         env = AlfredExpert(env, expert_type=AlfredExpertType.PLANNER)
+    with engine_guard():
+        env.load(str(game_file))
+    return env
+
+
+@contextlib.contextmanager
+def engine_guard() -> Iterator[None]:
+    """Holds the engine lock and restores ``sys.argv`` and ``sys.stdout``, which ``fast_downward`` overwrites while it
+    grounds a game (loading it) or plans (the planner expert's reset)."""
     with _ENGINE_LOCK:
         argv, stdout = list(sys.argv), sys.stdout
         try:
-            env.load(str(game_file))
+            yield
         finally:
-            sys.argv[:] = argv  # fast_downward overwrites sys.argv while loading
+            sys.argv[:] = argv
             sys.stdout = stdout
-    return env
 
 
 def downloaded_games(data_path: str | Path, split: str) -> list[Path]:

@@ -283,11 +283,12 @@ def _domain_and_grammar() -> tuple[str, str]:
 
 def solve(game_file: Path) -> list[str] | None:
     """The planner's walkthrough of a game (ALFWorld's ``AlfredExpert`` with the planner), or None if unsolvable."""
-    from .alfworld import open_game  # one engine at a time (the planner swaps sys.argv / sys.stdout)
+    from .alfworld import engine_guard, open_game  # one engine at a time (the planner swaps sys.argv / sys.stdout)
 
     env = open_game(game_file, planner=True)
     try:
-        state = env.reset()
+        with engine_guard():
+            state = env.reset()
         plan = list(state.get("extra.expert_plan") or state.get("policy_commands") or [])
     except Exception:  # an unsolvable problem: the planner raises
         return None
@@ -303,9 +304,18 @@ def write_game(spec: GameSpec, root: Path) -> Path:
     folder = root / f"v{GAMES_VERSION}" / spec.split / spec.key() / f"game_{spec.seed:06d}"
     if game_is_intact(folder):
         return folder
-    from .._files import remove_orphaned_temporaries, temporary_name
+    from .._files import file_lock
 
     folder.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder.parent / f"{folder.name}.lock"):  # another process may be writing the same game
+        if not game_is_intact(folder):
+            _generate(spec, folder)
+    return folder
+
+
+def _generate(spec: GameSpec, folder: Path) -> None:
+    from .._files import remove_orphaned_temporaries, temporary_name
+
     remove_orphaned_temporaries(folder.parent, f"{folder.name}.tmp*")
     drawn = draw_game(spec)
     domain, grammar = _domain_and_grammar()
@@ -334,10 +344,9 @@ def write_game(spec: GameSpec, root: Path) -> Path:
     game["solvable"], game["walkthrough"] = walkthrough is not None, walkthrough
     (tmp / "game.tw-pddl").write_text(json.dumps(game))
     (tmp / "spear_game.json").write_text(json.dumps({"spec": spec.__dict__, "hashes": _hashes(tmp)}, default=list))
-    if folder.exists():
+    if folder.exists():  # a damaged game (its hashes do not match): replaced under the lock
         shutil.rmtree(folder)
     os.replace(tmp, folder)
-    return folder
 
 
 def _hashes(folder: Path) -> dict[str, str]:

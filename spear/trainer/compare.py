@@ -58,11 +58,23 @@ DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 SUMMARY = {
     "auc": ("success AUC (%)", 100.0),
     "final": ("final success (%)", 100.0),
+    "unseen_final": ("final success, unseen games (%)", 100.0),
     "steps_to_threshold": ("steps to threshold", 1.0),
     "tool_turns": ("tool calls / episode", 1.0),
     "replay_events": ("replay events", 1.0),
     "replay_share": ("replay share of update rows (%)", 100.0),
     "signal_groups": ("groups with a signal (%)", 100.0),
+}
+# keys a run has only when its task reports them (the unseen evaluation: env.unseen_eval_tasks)
+OPTIONAL = {"unseen_final"}
+# the seed's ALFWorld columns, by ALFWorld's task type
+TASK_TYPE_NAMES = {
+    "pick_and_place_simple": "Pick",
+    "look_at_obj_in_light": "Look",
+    "pick_clean_then_place_in_recep": "Clean",
+    "pick_heat_then_place_in_recep": "Heat",
+    "pick_cool_then_place_in_recep": "Cool",
+    "pick_two_obj_and_place": "Pick2",
 }
 
 
@@ -83,8 +95,10 @@ def summarize_run(records: Sequence[dict], total_steps: int, threshold: float) -
     ``auc``: the area under the evaluation success curve over ``[0, total_steps]`` (trapezoids between evaluations)
     divided by ``total_steps``: the mean success over training. ``steps_to_threshold``: the first evaluated step with
     success >= ``threshold`` (``total_steps`` when never reached: censored, and ``reached`` says so).
-    ``replay_share``: replayed rows / (replayed + on-policy rows) over the run. ``signal_groups``: the mean share of
-    groups whose scores differ (the groups that give GRPO a non-zero advantage).
+    ``unseen_final``: the last evaluation's success on the unseen games (when the run evaluated on them);
+    ``by_type`` / ``unseen_by_type``: the last evaluation's success per task type. ``replay_share``: replayed rows
+    / (replayed + on-policy rows) over the run. ``signal_groups``: the mean share of groups whose scores differ (the
+    groups that give GRPO a non-zero advantage).
     """
     evals = [(int(r["step"]), float(r["val/success"])) for r in records if "val/success" in r]
     if not evals or evals[0][0] != 0 or evals[-1][0] != total_steps:
@@ -97,7 +111,9 @@ def summarize_run(records: Sequence[dict], total_steps: int, threshold: float) -
     replayed = sum(float(r.get("replay/batch_size", 0.0)) for r in train)
     on_policy = sum(float(r.get("rollout_filter/rows_kept", 0.0)) for r in train)
     tool = [(int(r["step"]), float(r["val/tool_turns"])) for r in records if "val/tool_turns" in r]
-    return {
+    last = [r for r in records if "val/success" in r][-1]
+    optional = {"unseen_final": float(last["val_unseen/success"])} if "val_unseen/success" in last else {}
+    return optional | {
         "curve": {"step": [s for s, _ in evals], "success": [v for _, v in evals]},
         "tool_curve": {"step": [s for s, _ in tool], "tool_turns": [v for _, v in tool]},
         "train_success": [float(r["train/success"]) for r in train],
@@ -110,7 +126,13 @@ def summarize_run(records: Sequence[dict], total_steps: int, threshold: float) -
         "replay_events": float(train[-1].get("replay/events", 0.0)) if train else 0.0,
         "replay_share": replayed / (replayed + on_policy) if replayed + on_policy else 0.0,
         "signal_groups": _mean([float(r["advantage/signal_groups"]) for r in train if "advantage/signal_groups" in r]),
+        "by_type": _by_type(last, "val/success/"),
+        "unseen_by_type": _by_type(last, "val_unseen/success/"),
     }
+
+
+def _by_type(record: dict, prefix: str) -> dict[str, float]:
+    return {k[len(prefix) :]: float(v) for k, v in sorted(record.items()) if k.startswith(prefix)}
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -132,23 +154,37 @@ def bootstrap_ci(values: Sequence[float], *, resamples: int = 10_000, seed: int 
     return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def _stats(values: Sequence[float]) -> dict:
+    mean, low, high = bootstrap_ci(values)
+    return {"mean": mean, "low": low, "high": high, "values": list(values)}
+
+
 def aggregate(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict]]:
-    """Per method and summary key: mean, 95% bootstrap interval, and the per-seed values."""
+    """Per method and summary key (the :data:`OPTIONAL` ones when every run has them): mean, 95% bootstrap
+    interval, and the per-seed values; ``by_type`` / ``unseen_by_type``: the same per task type that every run
+    evaluated."""
     out: dict[str, dict[str, dict]] = {}
     for method, by_seed in runs.items():
         seeds = sorted(by_seed)
         out[method] = {}
         for key in SUMMARY:
-            values = [by_seed[s][key] for s in seeds]
-            mean, low, high = bootstrap_ci(values)
-            out[method][key] = {"mean": mean, "low": low, "high": high, "values": values}
+            if key in OPTIONAL and not all(key in by_seed[s] for s in seeds):
+                continue
+            out[method][key] = _stats([by_seed[s][key] for s in seeds])
         out[method]["reached"] = {"count": sum(by_seed[s]["reached"] for s in seeds), "of": len(seeds)}
+        for key in ("by_type", "unseen_by_type"):
+            types = [t for t in by_seed[seeds[0]].get(key, {}) if all(t in by_seed[s].get(key, {}) for s in seeds)]
+            out[method][key] = {t: _stats([by_seed[s][key][t] for s in seeds]) for t in types}
     return out
 
 
-def markdown_table(summary: dict[str, dict[str, dict]], sft_success: float) -> str:
-    """Mean [95% interval] per method and summary key."""
-    keys = list(SUMMARY)
+def _cell(stats: dict, scale: float = 100.0) -> str:
+    return f"{stats['mean'] * scale:.1f} [{stats['low'] * scale:.1f}, {stats['high'] * scale:.1f}]"
+
+
+def markdown_table(summary: dict[str, dict[str, dict]], sft_success: float, sft_unseen: float | None = None) -> str:
+    """Mean [95% interval] per method and summary key (those every method has)."""
+    keys = [k for k in SUMMARY if all(k in stats for stats in summary.values())]
     lines = [
         "| method | " + " | ".join(SUMMARY[k][0] for k in keys) + " |",
         "|" + " --- |" * (len(keys) + 1),
@@ -156,14 +192,20 @@ def markdown_table(summary: dict[str, dict[str, dict]], sft_success: float) -> s
     for method, stats in summary.items():
         cells = []
         for k in keys:
-            scale = SUMMARY[k][1]
-            s = stats[k]
-            cell = f"{s['mean'] * scale:.1f} [{s['low'] * scale:.1f}, {s['high'] * scale:.1f}]"
+            cell = _cell(stats[k], SUMMARY[k][1])
             if k == "steps_to_threshold":
                 cell += f" ({stats['reached']['count']}/{stats['reached']['of']} reached)"
             cells.append(cell)
         lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
-    lines.append(f"| SFT start | {100 * sft_success:.1f} | {100 * sft_success:.1f} |" + " |" * (len(keys) - 2))
+    start = [
+        f"{100 * sft_success:.1f}"
+        if k in ("auc", "final")
+        else f"{100 * sft_unseen:.1f}"
+        if k == "unseen_final" and sft_unseen is not None
+        else ""
+        for k in keys
+    ]
+    lines.append("| SFT start | " + " | ".join(start) + " |")
     return "\n".join(lines)
 
 
@@ -176,39 +218,53 @@ def paired_difference(summary: dict, base: str, plus: str, key: str = "final") -
 def paper_table(summary: dict[str, dict[str, dict]]) -> str:
     """The seed's results table in shape, for the pairs of :data:`PAPER_ROWS` that ran: each base method, then
     ``+ SPEAR`` with its difference in final success (paired by seed, 95% interval) and whether the two methods'
-    intervals on final success are apart. Success AUC, steps to threshold and replay events beside."""
-    lines = [
-        "| method | final success (%) | + SPEAR: difference (%) | intervals apart | success AUC (%) "
-        "| steps to threshold | replay events |",
-        "|" + " --- |" * 7,
-    ]
-
-    def cells(stats) -> str:
-        auc, stt, rep = stats["auc"], stats["steps_to_threshold"], stats["replay_events"]
-        return (
-            f"{100 * auc['mean']:.1f} [{100 * auc['low']:.1f}, {100 * auc['high']:.1f}] | {stt['mean']:.1f} "
-            f"({stats['reached']['count']}/{stats['reached']['of']} reached) | {rep['mean']:.1f}"
-        )
-
-    def final(stats) -> str:
-        f = stats["final"]
-        return f"{100 * f['mean']:.1f} [{100 * f['low']:.1f}, {100 * f['high']:.1f}]"
-
-    for name, base, plus in PAPER_ROWS:
-        if base not in summary or plus not in summary:
-            continue
-        mean, low, high = paired_difference(summary, base, plus)
-        apart = "yes" if non_overlapping(summary, plus, base, "final") else "no"
-        lines.append(f"| {name} | {final(summary[base])} | | | {cells(summary[base])} |")
-        lines.append(
-            f"| + SPEAR | {final(summary[plus])} | {100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] | {apart} "
-            f"| {cells(summary[plus])} |"
-        )
-    if len(lines) == 2:
+    intervals on final success are apart. Success AUC, steps to threshold, the unseen games' final success (when
+    evaluated) and replay events beside."""
+    pairs = [(name, base, plus) for name, base, plus in PAPER_ROWS if base in summary and plus in summary]
+    if not pairs:
         raise UserError(
             "--table paper needs at least one base method with its + SPEAR method: "
             + ", ".join(f"{base} + {plus}" for _, base, plus in PAPER_ROWS)
         )
+    unseen = all("unseen_final" in summary[m] for _, base, plus in pairs for m in (base, plus))
+    head = ["method", "final success (%)", "+ SPEAR: difference (%)", "intervals apart", "success AUC (%)"]
+    head += ["steps to threshold"] + (["unseen games: final success (%)"] if unseen else []) + ["replay events"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+
+    def cells(stats) -> str:
+        stt = stats["steps_to_threshold"]
+        out = [_cell(stats["auc"]), f"{stt['mean']:.1f} ({stats['reached']['count']}/{stats['reached']['of']} reached)"]
+        out += [_cell(stats["unseen_final"])] if unseen else []
+        return " | ".join(out + [f"{stats['replay_events']['mean']:.1f}"])
+
+    for name, base, plus in pairs:
+        mean, low, high = paired_difference(summary, base, plus)
+        apart = "yes" if non_overlapping(summary, plus, base, "final") else "no"
+        lines.append(f"| {name} | {_cell(summary[base]['final'])} | | | {cells(summary[base])} |")
+        lines.append(
+            f"| + SPEAR | {_cell(summary[plus]['final'])} | {100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] "
+            f"| {apart} | {cells(summary[plus])} |"
+        )
+    return "\n".join(lines)
+
+
+def task_type_table(summary: dict[str, dict[str, dict]], key: str = "by_type") -> str:
+    """Final success per task type (the seed's ALFWorld columns), mean [95% interval] per method; ``key``:
+    ``by_type`` (the evaluation games) or ``unseen_by_type``. Empty when no run reported task types."""
+    order = list(TASK_TYPE_NAMES)
+    types = sorted(
+        {t for stats in summary.values() for t in stats.get(key, {})},
+        key=lambda t: (order.index(t) if t in order else len(order), t),
+    )
+    if not types:
+        return ""
+    lines = [
+        "| method | " + " | ".join(TASK_TYPE_NAMES.get(t, t) for t in types) + " |",
+        "|" + " --- |" * (len(types) + 1),
+    ]
+    for method, stats in summary.items():
+        row = [_cell(stats[key][t]) if t in stats.get(key, {}) else "" for t in types]
+        lines.append(f"| {METHODS[method]} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -347,7 +403,11 @@ def run_compare(
     model, tokenizer = load_configured_policy(base, sft_dir)
     sft_eval = evaluate(model, tokenizer, base)
     del model
-    log(f"== SFT start: success {sft_eval['val/success']:.3f}, tool calls/episode {sft_eval['val/tool_turns']:.2f}")
+    unseen_text = f", on unseen games {sft_eval['val_unseen/success']:.3f}" if "val_unseen/success" in sft_eval else ""
+    log(
+        f"== SFT start: success {sft_eval['val/success']:.3f}{unseen_text}, "
+        f"tool calls/episode {sft_eval['val/tool_turns']:.2f}"
+    )
 
     plans = []
     for method in methods:
@@ -423,22 +483,48 @@ def run_compare(
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     steps_text = ", ".join(sorted({str(v) for v in total.values()}))
-    table = markdown_table(summary, sft_eval["val/success"])
-    (out / "results.md").write_text(
-        f"`{task}`: {len(seeds)} seeds ({', '.join(map(str, seeds))}), {steps_text} steps, evaluation on "
-        f"{base.env.num_eval_tasks} held-out tasks; mean [95% bootstrap interval over seeds]; threshold "
-        f"{threshold:g}.\n\n{table}\n"
+    table = markdown_table(summary, sft_eval["val/success"], sft_eval.get("val_unseen/success"))
+    unseen = (
+        f" and on {base.env.unseen_eval_tasks} unseen games ({_kwargs_text(base.env.unseen_kwargs)})"
+        if base.env.unseen_eval_tasks
+        else ""
     )
+    setting = (
+        f"`{task}`: {len(seeds)} seeds ({', '.join(map(str, seeds))}), {steps_text} steps; final success on "
+        f"{base.env.num_eval_tasks} evaluation tasks{unseen}, mean [95% bootstrap interval over seeds]"
+    )
+    types = _type_tables(summary, sft_eval)
+    (out / "results.md").write_text(f"{setting}; threshold {threshold:g}.\n\n{table}\n{types}")
     plot_compare(runs, out / "curves.png", f"{task}: mean over {len(seeds)} seeds, 95% bootstrap bands")
     results["table"] = table
+    results["type_tables"] = types
     if any(base in summary and plus in summary for _, base, plus in PAPER_ROWS):
         results["paper_table"] = paper_table(summary)
         (out / "results_paper.md").write_text(
-            f"`{task}`, the seed's table in shape: {len(seeds)} seeds, {steps_text} steps; final success on "
-            f"{base.env.num_eval_tasks} held-out tasks, mean [95% bootstrap interval over seeds]; the difference is "
-            f"paired by seed.\n\n{results['paper_table']}\n"
+            f"{setting}; the difference is paired by seed; the seed's table in shape.\n\n"
+            f"{results['paper_table']}\n{types}"
         )
     return results
+
+
+def _kwargs_text(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "env.kwargs"
+
+
+def _type_tables(summary: dict, sft_eval: dict) -> str:
+    """The per-task-type tables (evaluation games, then unseen games) as a markdown section, with the SFT start."""
+    text = ""
+    for key, prefix, title in (
+        ("by_type", "val/success/", "Final success per task type (%)"),
+        ("unseen_by_type", "val_unseen/success/", "Final success per task type on the unseen games (%)"),
+    ):
+        table = task_type_table(summary, key)
+        if table:
+            order = [c.strip() for c in table.splitlines()[0].strip("|").split("|")][1:]
+            names = {TASK_TYPE_NAMES.get(t, t): t for t in {k[len(prefix) :] for k in sft_eval if k.startswith(prefix)}}
+            start = [f"{100 * sft_eval[prefix + names[c]]:.1f}" if c in names else "" for c in order]
+            text += f"\n{title}:\n\n{table}\n| SFT start | " + " | ".join(start) + " |\n"
+    return text
 
 
 def non_overlapping(summary: dict, better: str, worse: str, key: str = "auc") -> bool:
@@ -463,4 +549,5 @@ __all__ = [
     "run_compare",
     "run_config",
     "summarize_run",
+    "task_type_table",
 ]

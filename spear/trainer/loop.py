@@ -137,6 +137,7 @@ class Trainer:
         r = cfg.actor_rollout_ref.rollout
         self.envs = make_envs(cfg, cfg.data.train_batch_size * r.n)
         self.eval_envs = make_envs(cfg, min(64, cfg.env.num_eval_tasks))
+        self.unseen_envs = make_envs(cfg, min(64, cfg.env.unseen_eval_tasks), unseen=True)
         if resume_from is None:
             check_model_dir(self._base_model())
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -373,7 +374,9 @@ class Trainer:
         try:
             with DeferredInterrupt() as interrupt:
                 if self.step == 0 and t.val_before_train:
-                    self.last_eval = evaluate(self.engine, self.tokenizer, self.cfg, self.eval_envs)
+                    self.last_eval = evaluate(
+                        self.engine, self.tokenizer, self.cfg, self.eval_envs, unseen_envs=self.unseen_envs
+                    )
                     self.logger.log(0, self.last_eval)
                     self._console(0, self.last_eval)
                 bar = tqdm(
@@ -388,7 +391,9 @@ class Trainer:
                     last = self.step == t.total_training_steps
                     if last or (t.test_freq and self.step % t.test_freq == 0):
                         self._sync_engine()
-                        self.last_eval = evaluate(self.engine, self.tokenizer, self.cfg, self.eval_envs)
+                        self.last_eval = evaluate(
+                            self.engine, self.tokenizer, self.cfg, self.eval_envs, unseen_envs=self.unseen_envs
+                        )
                         metrics.update(self.last_eval)
                     self.logger.log(self.step, metrics)
                     if last or (t.save_freq and self.step % t.save_freq == 0) or interrupt.requested:

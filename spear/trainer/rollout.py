@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, SpearConfig
+from ..config import ConfigError, SpearConfig, env_kwargs, env_kwargs_error
 from ..envs import make_env
 from ..episodes import Episode, run_episodes
 from ..step import StepBatch, Turn, turns_of
@@ -76,15 +76,12 @@ def collate(episodes: Sequence[Episode], *, pad_id: int, max_prompt_length: int,
 # ---- the trainer's rollouts ------------------------------------------------------------------
 
 
-def env_kwargs(cfg: SpearConfig) -> dict:
-    return {"max_turns": cfg.actor_rollout_ref.rollout.max_turns, **dict(cfg.env.kwargs)}
-
-
-def make_envs(cfg: SpearConfig, count: int) -> list:
+def make_envs(cfg: SpearConfig, count: int, *, unseen: bool = False) -> list:
+    """``count`` environments of ``env.name`` (``unseen``: with ``env.unseen_kwargs`` over ``env.kwargs``)."""
     try:
-        return [make_env(cfg.env.name, **env_kwargs(cfg)) for _ in range(count)]
+        return [make_env(cfg.env.name, **env_kwargs(cfg, unseen=unseen)) for _ in range(count)]
     except (TypeError, ValueError) as err:  # an unknown keyword, or a value the environment refuses
-        raise ConfigError(f"env.kwargs {dict(cfg.env.kwargs)} do not fit environment {cfg.env.name!r}: {err}") from None
+        raise env_kwargs_error(cfg, err, unseen=unseen) from None
 
 
 def run_rollout(engine, tokenizer, cfg: SpearConfig, envs, seeds, uids=None, *, temperature, top_p, generator):

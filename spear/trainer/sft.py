@@ -13,12 +13,12 @@ from typing import Any
 import torch
 
 from .._files import remove_orphaned_temporaries
-from ..config import ConfigError, SpearConfig, UserError, to_dict
+from ..config import ConfigError, SpearConfig, UserError, env_kwargs, to_dict
 from ..envs import env_class, expert_transcripts
 from ..episodes import Episode, StepRow
 from .forward import response_logprobs
 from .models import default_model_path, load_configured_policy, set_threads
-from .rollout import collate, env_kwargs
+from .rollout import collate
 
 
 def expert_episodes(cfg: SpearConfig, tokenizer, count: int) -> list[Episode]:

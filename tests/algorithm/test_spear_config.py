@@ -206,6 +206,7 @@ BAD_VALUES = {
     "actor_rollout_ref.model.path": "''",
     "env.name": "chess",
     "env.kwargs": 5,
+    "env.unseen_kwargs": 5,
     "trainer.default_local_dir": "''",
     "trainer.logger": "[slack]",
 }
@@ -229,6 +230,15 @@ def test_a_bad_value_in_each_key_is_a_clear_error(key, default):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[f"{key}={bad}"])
     assert key.split(".")[-1] in str(err.value), str(err.value)
+
+
+def test_the_unseen_evaluation_kwargs_are_checked_with_the_environment():
+    cfg = load_config(overrides=["env.unseen_eval_tasks=4", "env.unseen_kwargs.max_ops=2"])
+    assert cfg.env.unseen_kwargs == {"max_ops": 2} and cfg.env.kwargs == {}
+    with pytest.raises(ConfigError, match="env.unseen_kwargs.*min_ops"):
+        load_config(overrides=["env.unseen_eval_tasks=4", "env.unseen_kwargs.min_ops=0"])
+    with pytest.raises(ConfigError, match="unseen_kwargs.*colour"):  # checked even while the evaluation is off
+        load_config(overrides=["env.unseen_kwargs.colour=1"])
 
 
 def test_unknown_keys_are_errors():

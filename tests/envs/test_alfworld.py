@@ -69,6 +69,31 @@ def test_a_damaged_game_is_regenerated(cache):
     assert again == folder and (folder / "game.tw-pddl").read_bytes() == original
 
 
+CONCURRENT = r"""
+import json, sys
+from pathlib import Path
+from spear.envs.alfworld_games import GameSpec, write_game
+for seed in range(6):
+    folder = write_game(GameSpec(seed, "valid_unseen", 3, 1), Path(sys.argv[1]))
+    json.loads((folder / "traj_data.json").read_text())  # what the environment reads right after
+    json.loads((folder / "game.tw-pddl").read_text())
+    assert folder.parent.parent.parent.parent == Path(sys.argv[1])  # the planner's sys.argv is put back
+"""
+
+
+def test_processes_generating_the_same_games_at_once(tmp_path):
+    # `spear compare` starts runs together that generate the same unseen games: one writer per game (a lock), and
+    # a game another process finished is never replaced under a reader
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT, str(tmp_path)], stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    games = sorted(tmp_path.glob("v*/valid_unseen/*/game_*[0-9]"))
+    assert len(games) == 6 and all(game_is_intact(g) for g in games)
+
+
 WALK = r"""
 import json, random, sys
 import spear.envs.alfworld as alf

@@ -98,6 +98,45 @@ def test_paper_table_pairs_each_base_with_its_spear_row():
         compare.paper_table(compare.aggregate({"gigpo": runs([0.5])}))
 
 
+def test_unseen_games_and_task_types_in_the_summary_and_tables():
+    def run(final, unseen, pick, look):
+        records = _records({0: 0.0, 4: final})
+        records[-1].update(
+            {"val_unseen/success": unseen, "val/success/pick_and_place_simple": pick}
+            | {"val/success/look_at_obj_in_light": look, "val_unseen/success/look_at_obj_in_light": unseen}
+        )
+        return compare.summarize_run(records, 4, 0.5)
+
+    s = run(0.5, 0.25, 0.75, 0.25)
+    assert s["unseen_final"] == 0.25 and s["by_type"] == {"look_at_obj_in_light": 0.25, "pick_and_place_simple": 0.75}
+    assert s["unseen_by_type"] == {"look_at_obj_in_light": 0.25}
+    assert "unseen_final" not in compare.summarize_run(_records({0: 0.0, 4: 0.5}), 4, 0.5)
+    summary = compare.aggregate(
+        {
+            "grpo": {i: run(0.1 * i, 0.05 * i, 0.2, 0.1 * i) for i in range(3)},
+            "grpo_spear": {i: run(0.5 + 0.1 * i, 0.3, 0.8, 0.4) for i in range(3)},
+        }
+    )
+    assert summary["grpo"]["unseen_final"]["values"] == pytest.approx([0.0, 0.05, 0.1])
+    assert summary["grpo_spear"]["by_type"]["pick_and_place_simple"]["mean"] == pytest.approx(0.8)
+    paper = compare.paper_table(summary).splitlines()
+    assert "unseen games: final success (%)" in paper[0]
+    assert "| 5.0 [0.0, 10.0] |" in paper[2] and "| 30.0 [30.0, 30.0] |" in paper[3]
+    types = compare.task_type_table(summary).splitlines()
+    assert types[0] == "| method | Pick | Look |"  # the seed's column order, not the alphabet's
+    assert types[3] == "| GRPO + SPEAR (no Dr.BoT) | 80.0 [80.0, 80.0] | 40.0 [40.0, 40.0] |"
+    assert compare.task_type_table(summary, "unseen_by_type").splitlines()[0] == "| method | Look |"
+    methods = compare.markdown_table(summary, 0.1, 0.05)
+    assert "final success, unseen games (%)" in methods and methods.splitlines()[-1].startswith(
+        "| SFT start | 10.0 | 10.0 | 5.0 |"
+    )
+    # a method without the unseen evaluation drops the column from the shared tables
+    plain = compare.summarize_run(_records({0: 0.0, 4: 0.5}), 4, 0.5)
+    mixed = compare.aggregate({"grpo": {0: run(0.1, 0.1, 0.1, 0.1)}, "grpo_spear": {0: plain}})
+    assert "unseen" not in compare.paper_table(mixed) and "unseen" not in compare.markdown_table(mixed, 0.1)
+    assert compare.task_type_table(compare.aggregate({"grpo": {0: plain}})) == ""
+
+
 def test_the_paper_methods_are_base_plus_spear():
     for _, base, plus in compare.PAPER_ROWS:
         b, p = (compare.run_config("tiny_alfworld", m, [], []) for m in (base, plus))
@@ -194,3 +233,51 @@ def test_compare_quick_runs_writes_its_outputs_and_resumes(tmp_path, capsys):
     assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*_seed*/metrics.jsonl")} == logs
     assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
+
+
+ALFWORLD_TINY = [
+    "sft.steps=6",
+    "sft.num_examples=8",
+    "sft.batch_size=8",
+    "env.num_train_tasks=3",
+    "env.num_eval_tasks=3",
+    "env.unseen_eval_tasks=3",
+    "trainer.test_freq=1",
+    "trainer.save_freq=1",
+    "data.train_batch_size=2",  # Dr.BoT's rollout filter keeps int(0.75 x 2) = 1 group
+    "actor_rollout_ref.rollout.n=2",
+    "actor_rollout_ref.rollout.max_turns=3",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+    "actor_rollout_ref.actor.trajectory_buffer_size=1",
+]
+
+
+def test_the_paper_table_on_alfworld_smoke(tmp_path, capsys):
+    """`spear compare --table paper` on tiny_alfworld, shrunk: the eight methods x 2 seeds, one step each, the seen
+    and the unseen evaluation, the per-task-type tables."""
+    pytest.importorskip("alfworld", reason="the alfworld extra is not installed (pip install 'spear-core[alfworld]')")
+    out = tmp_path / "paper"
+    argv = ["compare", "--table", "paper", "--task", "tiny_alfworld", "--seeds", "0", "1", "--steps", "1"]
+    assert main([*argv, "--quiet", "--output", str(out), *ALFWORLD_TINY]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("| method | final success (%) | + SPEAR: difference (%) | intervals apart |")
+    assert "unseen games: final success (%)" in printed[0]
+    assert printed[10] == "" and printed[11] == "Final success per task type (%):"
+    assert [line.split("|")[1].strip() for line in printed[2:10]] == [
+        name for row, _, _ in compare.PAPER_ROWS for name in (row, "+ SPEAR")
+    ]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["runs"]) == set(compare.PAPER_METHODS) and results["seeds"] == [0, 1]
+    for method in compare.PAPER_METHODS:
+        for seed in ("0", "1"):
+            run = results["runs"][method][seed]
+            assert run["curve"]["step"] == [0, 1] and 0 <= run["unseen_final"] <= 1
+            # the task types of the games played (3 seen, 3 unseen) are reported, and only those
+            assert set(run["by_type"]) <= set(compare.TASK_TYPE_NAMES) and run["by_type"]
+            assert set(run["unseen_by_type"]) <= set(compare.TASK_TYPE_NAMES) and run["unseen_by_type"]
+        cfg = json.loads((out / f"{method}_seed1" / "config.json").read_text())
+        assert cfg["env"]["unseen_kwargs"] == {"split": "valid_unseen"} and cfg["trainer"]["seed"] == 1
+    paper = (out / "results_paper.md").read_text()
+    assert "unseen games" in paper and "Final success per task type (%)" in paper
+    assert "Final success per task type on the unseen games (%)" in paper and "| SFT start |" in paper
+    assert "val_unseen/success" in results["sft"]
