@@ -161,6 +161,16 @@ def spear_overrides(model, dataset, run_dir, workers: int = 1, save_freq: int = 
     ]
 
 
+def assert_on_policy_update(s: dict) -> None:
+    """The step's on-policy update ran (a gradient, the KL term), unless Dr.BoT's response filters masked every row
+    the rollout filter kept: the tiny policy's sampled responses can all be overlong or incomplete, and then only
+    replay trains that step (verl logs no on-policy grad norm)."""
+    if "actor/grad_norm" in s:
+        assert s["actor/grad_norm"] > 0 and s["actor/kl_loss"] >= 0
+    else:
+        assert s["filter/any"] >= s["rollout_filter/rows_kept"], s
+
+
 def test_spear_recipe_replays_and_resumes(sft_model, dataset, workdir):
     run_dir = workdir / "spear"
     first = run_verl(
@@ -171,12 +181,12 @@ def test_spear_recipe_replays_and_resumes(sft_model, dataset, workdir):
     )
     assert [s["step"] for s in first] == [1, 2, 3]
     for s in first:
-        assert s["actor/grad_norm"] > 0
+        assert_on_policy_update(s)
         assert 0 < s["toolcall/factor"] <= 1
         assert s["rollout_filter/groups_kept"] == 2  # ratio 0.5 of 4 groups
         assert s["rollout_filter/rows_kept"] == 8  # the dropped groups' rows left the batch
         assert "filter/incomplete" in s and "filter/overlong" in s
-        assert s["actor/kl_loss"] >= 0
+    assert any("actor/grad_norm" in s for s in first)
     # the rollout server got the trainer's weights after every update
     loads = [s["rollout/weight_loads"] for s in first]
     assert loads == sorted(loads) and loads[-1] >= loads[0] + 2, loads
@@ -197,7 +207,7 @@ def test_spear_recipe_replays_and_resumes(sft_model, dataset, workdir):
     )
     assert [s["step"] for s in resumed] == [4]
     assert resumed[0]["replay/events"] >= first[-1]["replay/events"]  # the buffer's state came back
-    assert resumed[0]["actor/grad_norm"] > 0
+    assert_on_policy_update(resumed[0])
 
 
 USER_TASKS = {  # env: (kwargs, prompt length, response length, turn tokens)
