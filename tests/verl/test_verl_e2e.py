@@ -218,9 +218,10 @@ USER_TASKS = {  # env: (kwargs, prompt length, response length, turn tokens)
 
 @pytest.mark.parametrize(
     "env_name",
-    # math_code's agent loop is covered in the default run by tests/verl/test_agent_loop_envs.py (a stub server);
-    # verl's whole loop on it (about 100 s) runs with -m slow
-    ["alfworld", pytest.param("math_code", marks=pytest.mark.slow)],
+    # verl's whole loop on each (about 2 min here) runs with -m slow, to keep the default run under 15 minutes; the
+    # default run covers both agent loops (tests/verl/test_agent_loop_envs.py, a stub server) and verl's whole loop
+    # on math (the tests above)
+    [pytest.param("alfworld", marks=pytest.mark.slow), pytest.param("math_code", marks=pytest.mark.slow)],
 )
 def test_spear_recipe_on_the_users_tasks(env_name, workdir):
     """One SPEAR step of verl's real loop on the code-interpreter math and on ALFWorld's engine (an untrained tiny
