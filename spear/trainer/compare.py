@@ -248,14 +248,19 @@ def paper_table(summary: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def task_type_table(summary: dict[str, dict[str, dict]], key: str = "by_type") -> str:
-    """Final success per task type (the seed's ALFWorld columns), mean [95% interval] per method; ``key``:
-    ``by_type`` (the evaluation games) or ``unseen_by_type``. Empty when no run reported task types."""
+def _task_types(summary: dict[str, dict[str, dict]], key: str) -> list[str]:
+    """The task types any method reported under ``key``, in the seed's column order."""
     order = list(TASK_TYPE_NAMES)
-    types = sorted(
+    return sorted(
         {t for stats in summary.values() for t in stats.get(key, {})},
         key=lambda t: (order.index(t) if t in order else len(order), t),
     )
+
+
+def task_type_table(summary: dict[str, dict[str, dict]], key: str = "by_type") -> str:
+    """Final success per task type (the seed's ALFWorld columns), mean [95% interval] per method; ``key``:
+    ``by_type`` (the evaluation games) or ``unseen_by_type``. Empty when no run reported task types."""
+    types = _task_types(summary, key)
     if not types:
         return ""
     lines = [
@@ -520,9 +525,9 @@ def _type_tables(summary: dict, sft_eval: dict) -> str:
     ):
         table = task_type_table(summary, key)
         if table:
-            order = [c.strip() for c in table.splitlines()[0].strip("|").split("|")][1:]
-            names = {TASK_TYPE_NAMES.get(t, t): t for t in {k[len(prefix) :] for k in sft_eval if k.startswith(prefix)}}
-            start = [f"{100 * sft_eval[prefix + names[c]]:.1f}" if c in names else "" for c in order]
+            start = [
+                f"{100 * sft_eval[prefix + t]:.1f}" if prefix + t in sft_eval else "" for t in _task_types(summary, key)
+            ]
             text += f"\n{title}:\n\n{table}\n| SFT start | " + " | ".join(start) + " |\n"
     return text
 
